@@ -1,0 +1,268 @@
+"""DeepSeek-V4 attention: sliding window + compressed KV (CSA with lightning indexer, or HCA).
+
+One shared K=V head per layer (MQA), per-head attention sinks in the softmax denominator, a
+low-rank q path with a per-head unweighted norm, partial interleaved RoPE (de-rotated on the
+output at the query position) and a grouped low-rank output projection. Parameter names are the
+official checkpoint's (`wq_a`, `wkv`, `attn_sink`, `compressor.ape`, `indexer.wq_b`, ...).
+
+Two implementations of the same semantics, chosen by `impl`:
+- "sparse" (default): queries in blocks; the window branch reads only the <= sliding_window keys
+  of each block's band, CSA gathers at most `index_topk` entries per query, HCA attends densely to
+  its (128x fewer) entries; indexer scores are computed per query block under `score_budget`
+  bytes. Nothing of size (new tokens x context tokens) exists beyond one block.
+- "eager": the plain reference, transformers-style dense masks over window + all entries. For
+  small inputs and for tests of the sparse path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .cache import CompressorState, LayerCache
+from .config import CSA, HCA, SLIDING, ModelConfig
+from .layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq, unweighted_rms_norm
+
+NEG_INF = float("-inf")
+
+
+class Compressor(nn.Module):
+    """Gated softmax pooling of every `rate` tokens into one entry (paper §2.3).
+
+    CSA (`overlap=True`): each token projects to 2*dim features; entry w pools window w-1's first
+    half (Ca) and window w's second half (Cb) over 2*rate slots. HCA: plain non-overlapping windows.
+    The softmax runs per channel over the slots; `ape` is a learned per-slot bias on the gate.
+    """
+
+    def __init__(self, hidden: int, dim: int, rate: int, overlap: bool, eps: float):
+        super().__init__()
+        c = 2 if overlap else 1
+        self.dim, self.rate, self.overlap = dim, rate, overlap
+        self.wkv = nn.Linear(hidden, c * dim, bias=False)
+        self.wgate = nn.Linear(hidden, c * dim, bias=False)
+        self.ape = nn.Parameter(torch.zeros(rate, c * dim, dtype=torch.float32))
+        self.norm = RMSNorm(dim, eps)
+
+    def forward(self, x: torch.Tensor, state: CompressorState, inv_freq: torch.Tensor) -> int:
+        """Pools every window completed by x's tokens into state.entries; returns how many were added."""
+        B = x.shape[0]
+        kv, gate = self.wkv(x), self.wgate(x)  # [B, S, c*dim]
+        if state.buffer_kv is not None and state.buffer_kv.shape[1]:
+            kv = torch.cat([state.buffer_kv, kv], dim=1)
+            gate = torch.cat([state.buffer_gate, gate], dim=1)
+        usable = kv.shape[1] // self.rate * self.rate
+        # clone: a view would pin the whole chunk's projections in memory until the next call
+        state.buffer_kv, state.buffer_gate = kv[:, usable:].clone(), gate[:, usable:].clone()
+        if usable == 0:
+            return 0
+        nw, r, d = usable // self.rate, self.rate, self.dim
+        ckv = kv[:, :usable].view(B, nw, r, -1)  # [B, nw, rate, c*dim]
+        cgate = gate[:, :usable].view(B, nw, r, -1) + self.ape  # fp32 from here (ape is fp32)
+        if self.overlap:
+            slots_kv = ckv.new_zeros(B, nw, 2 * r, d)  # [B, nw, 2*rate, dim]
+            slots_gate = cgate.new_full((B, nw, 2 * r, d), NEG_INF)
+            slots_kv[:, :, r:] = ckv[..., d:]
+            slots_gate[:, :, r:] = cgate[..., d:]
+            slots_kv[:, 1:, :r] = ckv[:, :-1, :, :d]
+            slots_gate[:, 1:, :r] = cgate[:, :-1, :, :d]
+            if state.overlap_kv is not None:  # window 0's previous half comes from the last call
+                slots_kv[:, 0, :r] = state.overlap_kv.to(slots_kv.dtype)
+                slots_gate[:, 0, :r] = state.overlap_gate.to(slots_gate.dtype)
+            state.overlap_kv = ckv[:, -1, :, :d].clone()
+            state.overlap_gate = cgate[:, -1, :, :d].clone()
+            ckv, cgate = slots_kv, slots_gate
+        alpha = cgate.softmax(dim=2, dtype=torch.float32).to(ckv.dtype)
+        pooled = self.norm((ckv * alpha).sum(dim=2))  # [B, nw, dim]
+        pos = (state.count + torch.arange(nw, device=x.device)) * r  # each entry sits at its window start
+        cos, sin = rope_cos_sin(inv_freq, pos, pooled.dtype)
+        state.entries.append(apply_rope(pooled, cos, sin))
+        return nw
+
+
+class Indexer(nn.Module):
+    """Lightning indexer: I[t,s] = sum_h w[t,h] * ReLU(q[t,h] . K[s]) / sqrt(d_I), top-k per query."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
+        self.compressor = Compressor(cfg.hidden_size, self.head_dim, cfg.csa_rate, True, cfg.rms_norm_eps)
+
+    def queries(self, x, cq, cos, sin):
+        B, S, _ = x.shape
+        q = self.wq_b(cq).view(B, S, self.n_heads, self.head_dim)  # [B, S, H_I, d_I]
+        q = apply_rope(q, cos[:, None], sin[:, None]).float()
+        w = self.weights_proj(x).float() * self.n_heads ** -0.5  # [B, S, H_I]
+        return q, w
+
+    def scores(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """[B, Sq, N] fp32 index scores of queries q [B,Sq,H_I,d_I] against keys [B,N,d_I]."""
+        s = torch.einsum("bqhd,bnd->bqhn", q, keys.float())  # [B, Sq, H_I, N]
+        s = torch.relu(s) * self.head_dim ** -0.5
+        return (s * w.unsqueeze(-1)).sum(dim=2)
+
+
+def select_topk(scores: torch.Tensor, threshold: torch.Tensor, k: int):
+    """Top-k visible entries per query: (ids [B,Sq,K] with -1 for picks past the query, scores)."""
+    n = scores.shape[-1]
+    future = torch.arange(n, device=scores.device) >= threshold[:, None]  # [Sq, N]
+    scores = scores.masked_fill(future, NEG_INF)
+    top = scores.topk(min(k, n), dim=-1)
+    ids = torch.where(top.indices >= threshold[:, None], -1, top.indices)
+    return ids, top.values
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.layer_type = cfg.layer_types[layer]
+        H, d = cfg.num_attention_heads, cfg.head_dim
+        self.n_heads, self.head_dim, self.window = H, d, cfg.sliding_window
+        self.wq_a = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.wq_b = nn.Linear(cfg.q_lora_rank, H * d, bias=False)
+        self.wkv = nn.Linear(cfg.hidden_size, d, bias=False)
+        self.kv_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.wo_a = nn.Linear(H * d // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)
+        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size, bias=False)
+        self.attn_sink = nn.Parameter(torch.zeros(H, dtype=torch.float32))
+        self.compressor = self.indexer = None
+        if self.layer_type != SLIDING:
+            self.rate = cfg.compress_rates[self.layer_type]
+            self.compressor = Compressor(cfg.hidden_size, d, self.rate, self.layer_type == CSA, cfg.rms_norm_eps)
+        if self.layer_type == CSA:
+            self.indexer = Indexer(cfg)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg, compress=self.layer_type != SLIDING), persistent=False)
+        self.score_budget = 256 << 20  # bytes of fp32 scratch per query block
+
+    # -----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, lc: LayerCache, impl: str = "sparse",
+                capture=None) -> torch.Tensor:
+        """x: normalised input [B,S,D] at absolute `positions` [S]; extends `lc` in place."""
+        B, S, _ = x.shape
+        H, d = self.n_heads, self.head_dim
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [S, r/2]
+        cq = self.q_norm(self.wq_a(x))  # [B, S, q_lora_rank]; also feeds the indexer
+        q = unweighted_rms_norm(self.wq_b(cq).view(B, S, H, d), self.cfg.rms_norm_eps)  # [B, S, H, d]
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, S, d]; keys and values alike
+
+        keys = kv if lc.window is None else torch.cat([lc.window, kv], dim=1)  # [B, Lw, d]
+        lc.window = keys[:, keys.shape[1] - min(keys.shape[1], self.window - 1):].clone()
+        entries = iq = iw = ikeys = None
+        if self.compressor is not None:
+            self.compressor(x, lc.kv, self.inv_freq)
+            entries = lc.kv.entries.view()
+        if self.indexer is not None:
+            self.indexer.compressor(x, lc.index, self.inv_freq)
+            ikeys = lc.index.entries.view()
+            iq, iw = self.indexer.queries(x, cq, cos, sin)
+
+        run = self._eager if impl == "eager" else self._sparse
+        o = run(q, keys, positions, entries, iq, iw, ikeys, capture)  # [B, S, H, d]
+        o = apply_rope(o, cos[:, None], -sin[:, None])  # undo the values' rotation at the query position
+
+        G = self.cfg.o_groups
+        o = o.reshape(B, S, G, -1)  # [B, S, G, H*d/G]; group g holds heads g*H/G .. (g+1)*H/G-1
+        u = torch.einsum("bsgi,gri->bsgr", o, self.wo_a.weight.view(G, self.cfg.o_lora_rank, -1))
+        return self.wo_b(u.flatten(2))
+
+    # -----------------------------------------------------------------------------------------
+    def _window_mask(self, positions: torch.Tensor, n_keys: int) -> torch.Tensor:
+        """[S, n_keys] True where key j (the last S of n_keys are the new tokens) is in query i's window."""
+        S = positions.shape[0]
+        kidx = torch.arange(n_keys, device=positions.device)
+        qidx = torch.arange(S, device=positions.device) + (n_keys - S)
+        return (kidx[None] <= qidx[:, None]) & (kidx[None] > qidx[:, None] - self.window)
+
+    def _softmax_with_sink(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax over [..., keys] plus the per-head sink logit in the denominator only."""
+        B, H, Sq, _ = logits.shape
+        sink = self.attn_sink.float().view(1, H, 1, 1).expand(B, H, Sq, 1)
+        return torch.softmax(torch.cat([logits.float(), sink], dim=-1), dim=-1)
+
+    def _eager(self, q, keys, positions, entries, iq, iw, ikeys, capture):
+        B, S, H, d = q.shape
+        mask = self._window_mask(positions, keys.shape[1]).expand(B, S, -1)  # [B, S, Lw]
+        sel = sel_scores = None
+        if entries is not None and entries.shape[1]:
+            thr = (positions + 1) // self.rate
+            visible = torch.arange(entries.shape[1], device=q.device)[None] < thr[:, None]  # [S, N]
+            if self.indexer is not None:
+                sel, sel_scores = select_topk(self.indexer.scores(iq, iw, ikeys), thr, self.indexer.topk)
+                picked = torch.zeros(B, S, entries.shape[1] + 1, dtype=torch.bool, device=q.device)
+                picked.scatter_(-1, torch.where(sel < 0, entries.shape[1], sel), True)
+                visible = picked[..., :-1]
+            keys = torch.cat([keys, entries], dim=1)
+            mask = torch.cat([mask, visible.expand(B, S, -1)], dim=-1)
+        logits = torch.einsum("bqhd,bkd->bhqk", q, keys) * d ** -0.5
+        logits = logits.masked_fill(~mask[:, None], NEG_INF)
+        probs = self._softmax_with_sink(logits)
+        if capture is not None:
+            self._record(capture, positions, probs, mask.shape[-1] - (0 if entries is None else entries.shape[1]),
+                         sel, sel_scores, entries)
+        return torch.einsum("bhqk,bkd->bqhd", probs[..., :-1].to(keys.dtype), keys)
+
+    def _sparse(self, q, keys, positions, entries, iq, iw, ikeys, capture):
+        B, S, H, d = q.shape
+        Lw = keys.shape[1]
+        off = Lw - S  # keys index of query 0
+        n = 0 if entries is None else entries.shape[1]
+        per_query = H * (self.window + 2 * S) * 4  # bytes of window logits per query (upper bound)
+        if self.indexer is not None and n:
+            per_query = max(per_query, self.indexer.n_heads * n * 4 * 2, H * self.indexer.topk * (d + 8) * 4)
+        elif n:
+            per_query = max(per_query, H * n * 4 * 2)
+        block = max(1, min(S, 512, self.score_budget // per_query))
+        out = q.new_empty(B, S, H, d)
+        scale = d ** -0.5
+        for qs in range(0, S, block):
+            qe = min(S, qs + block)
+            qb, pos = q[:, qs:qe], positions[qs:qe]
+            k0 = max(0, off + qs - self.window + 1)  # first key any query of the block can see
+            kw = keys[:, k0 : off + qe]  # [B, Lb, d]
+            band = self._window_mask(pos, off + qe)[:, k0:]  # [Sq, Lb]
+            lw = torch.einsum("bqhd,bkd->bhqk", qb, kw) * scale
+            lw = lw.masked_fill(~band, NEG_INF)
+            sel = sel_scores = kc = None
+            if n:
+                thr = (pos + 1) // self.rate
+                if self.indexer is not None:
+                    sel, sel_scores = select_topk(self.indexer.scores(iq[:, qs:qe], iw[:, qs:qe], ikeys), thr,
+                                                  self.indexer.topk)
+                    bidx = torch.arange(B, device=q.device)[:, None, None]
+                    kc = entries[bidx, sel.clamp(min=0)]  # [B, Sq, K, d]: the only entries this block reads
+                    lc = torch.einsum("bqhd,bqkd->bhqk", qb, kc) * scale
+                    lc = lc.masked_fill((sel < 0)[:, None], NEG_INF)
+                else:
+                    kc = entries
+                    lc = torch.einsum("bqhd,bnd->bhqn", qb, kc) * scale
+                    lc = lc.masked_fill(torch.arange(n, device=q.device)[None] >= thr[:, None], NEG_INF)
+                probs = self._softmax_with_sink(torch.cat([lw, lc], dim=-1))
+            else:
+                probs = self._softmax_with_sink(lw)
+            pw = probs[..., : kw.shape[1]].to(kw.dtype)
+            o = torch.einsum("bhqk,bkd->bqhd", pw, kw)
+            if kc is not None:
+                pc = probs[..., kw.shape[1] : -1].to(kc.dtype)
+                o = o + (torch.einsum("bhqk,bqkd->bqhd", pc, kc) if sel is not None
+                         else torch.einsum("bhqn,bnd->bqhd", pc, kc))
+            out[:, qs:qe] = o
+            if capture is not None:
+                self._record(capture, pos, probs, kw.shape[1], sel, sel_scores, entries)
+        return out
+
+    def _record(self, capture, positions, probs, n_window, sel, sel_scores, entries):
+        """Hands what this block attended to to the capture (head-averaged; read-only)."""
+        p = probs.mean(dim=1)  # [B, Sq, keys + 1]
+        mass = torch.stack([p[..., :n_window].sum(-1), p[..., n_window:-1].sum(-1), p[..., -1]], dim=-1)
+        comp = p[..., n_window:-1]
+        if sel is not None and comp.shape[-1] != sel.shape[-1]:  # eager: dense over all entries
+            comp = comp.gather(-1, sel.clamp(min=0)).masked_fill(sel < 0, 0.0)
+        capture.add(self.layer, self.layer_type, positions, mass, sel, sel_scores,
+                    comp if self.layer_type != SLIDING else None)
+
+
+__all__ = ["Attention", "Compressor", "Indexer", "select_topk"]

@@ -1,0 +1,147 @@
+"""The DeepSeek-V4 transformer: embeddings -> n mHC residual streams -> blocks -> hyper-head -> logits.
+
+The model is stateless: every call takes the explicit per-sequence `Cache` (runtime/cache.py) and
+extends it in place; without one, a fresh cache is used and dropped (a plain full forward).
+Module attributes mirror the official checkpoint's tensor names (`embed`, `layers.N.attn.wq_a`,
+`layers.N.hc_attn_fn`, `layers.N.ffn.experts.E.w1`, `hc_head_fn`, `head`, ...), so loading is
+assignment, not renaming; runtime/checkpoint.py maps the other spellings onto these names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .attention import Attention
+from .cache import Cache
+from .config import ModelConfig
+from .layers import RMSNorm, hc_collapse, hc_expand, hc_weights, unweighted_rms_norm
+from .moe import MoE
+
+
+class Block(nn.Module):
+    """Attention sub-block then MoE sub-block, each wrapped in its own mHC mixing."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        n, D = cfg.hc_mult, cfg.hidden_size
+        self.attn_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.ffn = MoE(cfg, layer)
+        for site in ("attn", "ffn"):  # mHC parameters are kept in fp32
+            setattr(self, f"hc_{site}_fn", nn.Parameter(torch.zeros((2 + n) * n, n * D, dtype=torch.float32)))
+            setattr(self, f"hc_{site}_base", nn.Parameter(torch.zeros((2 + n) * n, dtype=torch.float32)))
+            setattr(self, f"hc_{site}_scale", nn.Parameter(torch.zeros(3, dtype=torch.float32)))
+
+    def _hc(self, site: str, streams: torch.Tensor):
+        c = self.cfg
+        return hc_weights(streams, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
+                          getattr(self, f"hc_{site}_scale"), c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
+
+    def forward(self, streams, ids, positions, layer_cache, impl="sparse", capture=None):
+        pre, post, comb = self._hc("attn", streams)
+        y = self.attn(self.attn_norm(hc_collapse(streams, pre)), positions, layer_cache, impl, capture)
+        streams = hc_expand(streams, y, post, comb)
+        pre, post, comb = self._hc("ffn", streams)
+        y = self.ffn(self.ffn_norm(hc_collapse(streams, pre)), ids)
+        return hc_expand(streams, y, post, comb)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        n, D = cfg.hc_mult, cfg.hidden_size
+        self.embed = nn.Embedding(cfg.vocab_size, D)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.head = nn.Linear(D, cfg.vocab_size, bias=False)
+        self.hc_head_fn = nn.Parameter(torch.zeros(n, n * D, dtype=torch.float32))
+        self.hc_head_base = nn.Parameter(torch.zeros(n, dtype=torch.float32))
+        self.hc_head_scale = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+        self.attn_impl = "sparse"  # "eager" selects the dense reference path (same semantics)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def new_cache(self, batch_size: int = 1) -> Cache:
+        return Cache(self.config, batch_size)
+
+    def hidden(self, input_ids: torch.Tensor, cache: Cache, capture=None) -> torch.Tensor:
+        """Final normalised hidden states [B, S, D]; extends `cache` by S tokens."""
+        B, S = input_ids.shape
+        if B != cache.batch_size:
+            raise ValueError(f"input batch {B} does not match the cache's batch size {cache.batch_size}")
+        if cache.length + S > self.config.max_position_embeddings:
+            raise ValueError(f"{cache.length + S} tokens exceed max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        positions = torch.arange(cache.length, cache.length + S, device=input_ids.device)
+        x = self.embed(input_ids)
+        streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, S, n, D]
+        for layer, lc in zip(self.layers, cache.layers):
+            streams = layer(streams, input_ids, positions, lc, self.attn_impl, capture)
+        cache.length += S
+        # hyper-head: collapse the n streams with input-dependent weights (no post, no Sinkhorn)
+        c = self.config
+        flat = unweighted_rms_norm(streams.flatten(2).float(), c.rms_norm_eps)
+        pre = torch.sigmoid(nn.functional.linear(flat, self.hc_head_fn.float()) * self.hc_head_scale.float()
+                            + self.hc_head_base.float()) + c.hc_eps
+        return self.norm(hc_collapse(streams, pre))
+
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, capture=None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits [B, S, vocab] (float) continuing the sequence in `cache` (a fresh one if None).
+
+        logits_to_keep=k > 0 returns only the last k positions (a long prefill needs only the last).
+        """
+        h = self.hidden(input_ids, cache if cache is not None else self.new_cache(input_ids.shape[0]), capture)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self.head(h).float()
+
+    def num_params(self, active: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        c = self.config
+        per_expert = 3 * c.hidden_size * c.moe_intermediate_size
+        return total - c.num_hidden_layers * (c.n_routed_experts - c.num_experts_per_tok) * per_expert
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               ) -> Transformer:
+    """A model from a folder holding config.json and safetensors weights (any supported spelling)."""
+    from .checkpoint import load_state_dict, read_config
+
+    cfg = ModelConfig.from_dict(read_config(path))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {}
+    for name, t in model.state_dict().items():
+        kept = t.dtype if not t.is_floating_point() else torch.float32 if _keeps_fp32(name) else dtype
+        expected[name] = (tuple(t.shape), kept)
+    state = load_state_dict(path, expected, dtype)
+    model.load_state_dict(state, assign=True, strict=True)
+    for mod in model.modules():  # non-persistent buffers (rope tables) are rebuilt off the meta device
+        if isinstance(mod, Attention):
+            mod.inv_freq = rope_table(cfg, mod)
+    return model.to(device).eval()
+
+
+def _keeps_fp32(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf.startswith("hc_") or leaf in ("attn_sink", "ape", "bias")
+
+
+def rope_table(cfg: ModelConfig, attn: Attention) -> torch.Tensor:
+    from .layers import rope_inv_freq
+    return rope_inv_freq(cfg, compress=attn.compressor is not None)
