@@ -6,9 +6,17 @@ Public API (used by the app, the CLI and outside checks):
 - `model(input_ids, cache=None)` -> logits [B, S, vocab] (float), extending `cache` in place
 """
 
-from .cache import Cache
-from .config import ConfigError, ModelConfig
-from .introspect import Capture, LayerRecord
-from .model import Transformer, load_model
+import importlib
 
-__all__ = ["Cache", "Capture", "ConfigError", "LayerRecord", "ModelConfig", "Transformer", "load_model"]
+# Names resolve lazily, so the pure modules (runtime.corpus, runtime.tokenizer) import without torch.
+_EXPORTS = {
+    "Cache": "cache", "Capture": "introspect", "LayerRecord": "introspect", "ConfigError": "config",
+    "ModelConfig": "config", "Transformer": "model", "load_model": "model",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'runtime' has no attribute {name!r}")

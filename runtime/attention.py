@@ -106,9 +106,22 @@ class Indexer(nn.Module):
 def select_topk(scores: torch.Tensor, threshold: torch.Tensor, k: int):
     """Top-k visible entries per query: (ids [B,Sq,K] with -1 for picks past the query, scores)."""
     n = scores.shape[-1]
+    k = min(k, n)
     future = torch.arange(n, device=scores.device) >= threshold[:, None]  # [Sq, N]
     scores = scores.masked_fill(future, NEG_INF)
-    top = scores.topk(min(k, n), dim=-1)
+    top = scores.topk(k, dim=-1)
+    # Exact ties at the k-th score (ReLU makes 0.0 common) are broken towards the lowest entry id,
+    # so the selection depends on the scores alone, not on how the sequence was chunked (topk's own
+    # tie order varies with the call's shape). Only rows with such a tie pay for it.
+    kth = top.values[..., -1:]
+    tied = ((scores >= kth).sum(-1) > k) & torch.isfinite(kth[..., 0])
+    if tied.any():
+        rows = scores[tied]  # [R, N]
+        rk = kth[tied]
+        eq = rows == rk
+        keep = (rows > rk) | (eq & (eq.cumsum(-1) <= k - (rows > rk).sum(-1, keepdim=True)))
+        fixed = rows.masked_fill(~keep, NEG_INF).topk(k, dim=-1)
+        top.indices[tied], top.values[tied] = fixed.indices, fixed.values
     ids = torch.where(top.indices >= threshold[:, None], -1, top.indices)
     return ids, top.values
 

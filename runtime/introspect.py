@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import CSA
+
 
 @dataclass
 class LayerRecord:
@@ -36,6 +38,9 @@ class Capture:
 
     def add(self, layer, layer_type, positions, mass, selected, scores, weights) -> None:
         cpu = lambda t: None if t is None else t.detach().to("cpu", copy=True)
+        if layer_type == CSA and selected is None:  # no entry existed yet: an empty selection
+            selected = torch.full((*mass.shape[:2], 0), -1, dtype=torch.long)
+            scores, weights = selected.float(), selected.float()
         self._parts.setdefault(layer, []).append(LayerRecord(
             layer, layer_type, cpu(positions), cpu(mass).float(), cpu(selected),
             None if scores is None else cpu(scores).float(), None if weights is None else cpu(weights).float()))

@@ -108,6 +108,30 @@ class Transformer(nn.Module):
             h = h[:, -logits_to_keep:]
         return self.head(h).float()
 
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> "Transformer":
+        """Random weights for training from scratch and for benchmarks (no checkpoint needed).
+
+        Linears ~ N(0, 1/fan_in); norms 1; mHC projections start at 0 so every sub-layer first sees
+        the plain average of its streams (sigmoid(0)); gate biases 0; hash table random.
+        """
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif leaf.startswith("hc_") or leaf in ("attn_sink", "ape"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+        for name, b in self.named_buffers():
+            if name.endswith("tid2eid"):
+                E = self.config.n_routed_experts
+                b.copy_(torch.stack([torch.randperm(E, generator=g)[: b.shape[1]] for _ in range(b.shape[0])]))
+            elif name.endswith("gate.bias"):
+                b.zero_()
+        return self
+
     def num_params(self, active: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())
         if not active:

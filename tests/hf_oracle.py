@@ -21,7 +21,7 @@ def tiny_config(**over) -> dict:
         vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
         head_dim=16, q_lora_rank=12, o_groups=2, o_lora_rank=8, sliding_window=8,
         layer_types=[SL, CSA, HCA, CSA], compress_rates={CSA: 4, HCA: 16},
-        mlp_layer_types=["hash_moe", "moe", "moe", "moe"], moe_intermediate_size=24, n_routed_experts=4,
+        mlp_layer_types=["hash_moe", "moe", "moe", "moe"], moe_intermediate_size=32, n_routed_experts=4,
         num_experts_per_tok=2, n_shared_experts=1, index_n_heads=2, index_head_dim=12, index_topk=64,
         partial_rotary_factor=0.5, hc_mult=2, hc_sinkhorn_iters=5, max_position_embeddings=4096,
         rope_theta=10000.0, compress_rope_theta=160000.0,

@@ -1,0 +1,1 @@
+"""Longlens Gradio app: UI, figures and glue to the runtime."""
