@@ -152,24 +152,33 @@ class Attention(nn.Module):
 
     # -----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, positions: torch.Tensor, lc: LayerCache, impl: str = "sparse",
-                capture=None) -> torch.Tensor:
-        """x: normalised input [B,S,D] at absolute `positions` [S]; extends `lc` in place."""
+                capture=None, keep: int = 0) -> torch.Tensor:
+        """x: normalised input [B,S,D] at absolute `positions` [S]; extends `lc` in place.
+
+        keep=k > 0 computes the output of the last k positions only (the cache still takes all S):
+        in the last layer of a long prefill nothing else reads the other outputs.
+        """
         B, S, _ = x.shape
         H, d = self.n_heads, self.head_dim
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [S, r/2]
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, S, d]; keys and values alike
+        if keep:
+            x_all, x, positions, cos, sin = x, x[:, -keep:], positions[-keep:], cos[-keep:], sin[-keep:]
+            S = keep
+        else:
+            x_all = x
         cq = self.q_norm(self.wq_a(x))  # [B, S, q_lora_rank]; also feeds the indexer
         q = unweighted_rms_norm(self.wq_b(cq).view(B, S, H, d), self.cfg.rms_norm_eps)  # [B, S, H, d]
         q = apply_rope(q, cos[:, None], sin[:, None])
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, S, d]; keys and values alike
 
         keys = kv if lc.window is None else torch.cat([lc.window, kv], dim=1)  # [B, Lw, d]
         lc.window = keys[:, keys.shape[1] - min(keys.shape[1], self.window - 1):].clone()
         entries = iq = iw = ikeys = None
         if self.compressor is not None:
-            self.compressor(x, lc.kv, self.inv_freq)
+            self.compressor(x_all, lc.kv, self.inv_freq)
             entries = lc.kv.entries.view()
         if self.indexer is not None:
-            self.indexer.compressor(x, lc.index, self.inv_freq)
+            self.indexer.compressor(x_all, lc.index, self.inv_freq)
             ikeys = lc.index.entries.view()
             iq, iw = self.indexer.queries(x, cq, cos, sin)
 
@@ -221,7 +230,7 @@ class Attention(nn.Module):
     def _sparse(self, q, keys, positions, entries, iq, iw, ikeys, capture):
         B, S, H, d = q.shape
         Lw = keys.shape[1]
-        off = Lw - S  # keys index of query 0
+        off = Lw - S  # keys index of query 0 (queries are always the last S new tokens)
         n = 0 if entries is None else entries.shape[1]
         per_query = H * (self.window + 2 * S) * 4  # bytes of window logits per query (upper bound)
         if self.indexer is not None and n:

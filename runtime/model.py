@@ -42,9 +42,11 @@ class Block(nn.Module):
         return hc_weights(streams, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
                           getattr(self, f"hc_{site}_scale"), c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
-    def forward(self, streams, ids, positions, layer_cache, impl="sparse", capture=None):
+    def forward(self, streams, ids, positions, layer_cache, impl="sparse", capture=None, keep=0):
         pre, post, comb = self._hc("attn", streams)
-        y = self.attn(self.attn_norm(hc_collapse(streams, pre)), positions, layer_cache, impl, capture)
+        y = self.attn(self.attn_norm(hc_collapse(streams, pre)), positions, layer_cache, impl, capture, keep)
+        if keep:  # only the last `keep` positions go on (the cache above took all of them)
+            streams, post, comb, ids = streams[:, -keep:], post[:, -keep:], comb[:, -keep:], ids[:, -keep:]
         streams = hc_expand(streams, y, post, comb)
         pre, post, comb = self._hc("ffn", streams)
         y = self.ffn(self.ffn_norm(hc_collapse(streams, pre)), ids)
@@ -76,8 +78,8 @@ class Transformer(nn.Module):
     def new_cache(self, batch_size: int = 1) -> Cache:
         return Cache(self.config, batch_size)
 
-    def hidden(self, input_ids: torch.Tensor, cache: Cache, capture=None) -> torch.Tensor:
-        """Final normalised hidden states [B, S, D]; extends `cache` by S tokens."""
+    def hidden(self, input_ids: torch.Tensor, cache: Cache, capture=None, keep: int = 0) -> torch.Tensor:
+        """Final normalised hidden states [B, S, D] (last `keep` positions if keep > 0); extends `cache` by S."""
         B, S = input_ids.shape
         if B != cache.batch_size:
             raise ValueError(f"input batch {B} does not match the cache's batch size {cache.batch_size}")
@@ -87,8 +89,10 @@ class Transformer(nn.Module):
         positions = torch.arange(cache.length, cache.length + S, device=input_ids.device)
         x = self.embed(input_ids)
         streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, S, n, D]
-        for layer, lc in zip(self.layers, cache.layers):
-            streams = layer(streams, input_ids, positions, lc, self.attn_impl, capture)
+        keep = keep if 0 < keep < S else 0
+        last = len(self.layers) - 1
+        for i, (layer, lc) in enumerate(zip(self.layers, cache.layers)):
+            streams = layer(streams, input_ids, positions, lc, self.attn_impl, capture, keep if i == last else 0)
         cache.length += S
         # hyper-head: collapse the n streams with input-dependent weights (no post, no Sinkhorn)
         c = self.config
@@ -103,10 +107,8 @@ class Transformer(nn.Module):
 
         logits_to_keep=k > 0 returns only the last k positions (a long prefill needs only the last).
         """
-        h = self.hidden(input_ids, cache if cache is not None else self.new_cache(input_ids.shape[0]), capture)
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        return self.head(h).float()
+        cache = cache if cache is not None else self.new_cache(input_ids.shape[0])
+        return self.head(self.hidden(input_ids, cache, capture, logits_to_keep)).float()
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> "Transformer":

@@ -137,3 +137,15 @@ def test_batch_rows_are_independent(model, ids):
     with torch.no_grad():
         both = model(two)
         torch.testing.assert_close(both[1:], model(ids[:, 300:600]), atol=1e-5, rtol=1e-5)
+
+
+def test_logits_to_keep_skips_work_not_state(model, ids, reference):
+    """Keeping only the last logits computes the last layer for those positions; the cache is the same."""
+    full, _, cache_full = reference
+    with torch.no_grad():
+        cache = model.new_cache()
+        last = model(ids[:, :500], cache, logits_to_keep=3)
+        torch.testing.assert_close(last, full[:, 497:500], atol=1e-4, rtol=1e-4)
+        rest = model(ids[:, 500:], cache)
+    torch.testing.assert_close(rest, full[:, 500:], atol=1e-4, rtol=1e-4)
+    assert cache.nbytes() == cache_full.nbytes()
