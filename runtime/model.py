@@ -17,7 +17,7 @@ import torch.nn as nn
 from .attention import Attention
 from .cache import Cache
 from .config import ModelConfig
-from .layers import RMSNorm, hc_collapse, hc_expand, hc_weights, unweighted_rms_norm
+from .layers import RMSNorm, hc_collapse, hc_expand, hc_weights, rope_inv_freq, unweighted_rms_norm
 from .moe import MoE
 
 
@@ -146,28 +146,19 @@ class Transformer(nn.Module):
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                ) -> Transformer:
     """A model from a folder holding config.json and safetensors weights (any supported spelling)."""
-    from .checkpoint import load_state_dict, read_config
+    from .checkpoint import KEEP_FP32, load_state_dict, read_config
 
     cfg = ModelConfig.from_dict(read_config(path))
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {}
     for name, t in model.state_dict().items():
-        kept = t.dtype if not t.is_floating_point() else torch.float32 if _keeps_fp32(name) else dtype
+        kept = t.dtype if not t.is_floating_point() else torch.float32 if KEEP_FP32.search(name) else dtype
         expected[name] = (tuple(t.shape), kept)
     state = load_state_dict(path, expected, dtype)
     model.load_state_dict(state, assign=True, strict=True)
     for mod in model.modules():  # non-persistent buffers (rope tables) are rebuilt off the meta device
         if isinstance(mod, Attention):
-            mod.inv_freq = rope_table(cfg, mod)
+            mod.inv_freq = rope_inv_freq(cfg, compress=mod.compressor is not None)
     return model.to(device).eval()
 
-
-def _keeps_fp32(name: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf.startswith("hc_") or leaf in ("attn_sink", "ape", "bias")
-
-
-def rope_table(cfg: ModelConfig, attn: Attention) -> torch.Tensor:
-    from .layers import rope_inv_freq
-    return rope_inv_freq(cfg, compress=attn.compressor is not None)
