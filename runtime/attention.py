@@ -98,17 +98,19 @@ class Indexer(nn.Module):
 
     def scores(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """[B, Sq, N] fp32 index scores of queries q [B,Sq,H_I,d_I] against keys [B,N,d_I]."""
-        s = torch.einsum("bqhd,bnd->bqhn", q, keys.float())  # [B, Sq, H_I, N]
-        s = torch.relu(s) * self.head_dim ** -0.5
-        return (s * w.unsqueeze(-1)).sum(dim=2)
+        B, Sq, H, d = q.shape
+        s = torch.matmul(q.reshape(B, Sq * H, d), keys.float().transpose(1, 2))  # [B, Sq*H_I, N]
+        s = torch.relu_(s).view(B * Sq, H, -1)
+        w = (w * d ** -0.5).reshape(B * Sq, 1, H)
+        return torch.bmm(w, s).view(B, Sq, -1)  # the head sum as one batched matmul
 
 
 def select_topk(scores: torch.Tensor, threshold: torch.Tensor, k: int):
     """Top-k visible entries per query: (ids [B,Sq,K] with -1 for picks past the query, scores)."""
     n = scores.shape[-1]
     k = min(k, n)
-    future = torch.arange(n, device=scores.device) >= threshold[:, None]  # [Sq, N]
-    scores = scores.masked_fill(future, NEG_INF)
+    if int(threshold.min()) < n:  # some entries lie in a query's future (never in decode)
+        scores = scores.masked_fill(torch.arange(n, device=scores.device) >= threshold[:, None], NEG_INF)
     top = scores.topk(k, dim=-1)
     # Exact ties at the k-th score (ReLU makes 0.0 common) are broken towards the lowest entry id,
     # so the selection depends on the scores alone, not on how the sequence was chunked (topk's own
