@@ -12,6 +12,9 @@ import importlib
 _EXPORTS = {
     "Cache": "cache", "Capture": "introspect", "LayerRecord": "introspect", "ConfigError": "config",
     "ModelConfig": "config", "Transformer": "model", "load_model": "model",
+    "Engine": "engine", "Session": "engine", "GenerationParams": "engine", "EngineError": "engine",
+    "ContextTooLarge": "engine", "PrefillProgress": "engine", "Piece": "engine", "Answer": "engine",
+    "Provenance": "provenance", "Source": "provenance", "SnapshotError": "snapshot", "list_snapshots": "snapshot",
 }
 __all__ = sorted(_EXPORTS)
 
