@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .cache import CompressorState, LayerCache
-from .config import CSA, HCA, SLIDING, ModelConfig
+from .config import CSA, SLIDING, ModelConfig
 from .layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq, unweighted_rms_norm
 
 NEG_INF = float("-inf")
@@ -239,7 +239,8 @@ class Attention(nn.Module):
             per_query = max(per_query, self.indexer.n_heads * n * 4 * 2, H * self.indexer.topk * (d + 8) * 4)
         elif n:
             per_query = max(per_query, H * n * 4 * 2)
-        block = max(1, min(S, 512, self.score_budget // per_query))
+        # 128 queries per block: each then reads at most 255 window keys for its <= 128 useful ones
+        block = max(1, min(S, 128, self.score_budget // per_query))
         out = q.new_empty(B, S, H, d)
         scale = d ** -0.5
         for qs in range(0, S, block):
