@@ -192,26 +192,29 @@ def mass_split_bar(mass: Mapping[int, Sequence[float]]) -> go.Figure:
                                      ("sink", "sink")]):
         fig.add_trace(go.Bar(x=vals[:, i], y=labels, orientation="h", name=name,
                              marker_color=COLORS[key], hovertemplate="%{y} " + name + ": %{x:.1%}<extra></extra>"))
-    fig.update_layout(barmode="stack", legend=dict(orientation="h", y=-0.15))
-    fig.update_xaxes(tickformat=".0%", range=[0, max(1.0, float(vals.sum(axis=1).max()))], title="share of attention")
+    fig.update_layout(barmode="stack", legend=dict(orientation="h", y=-0.2, yanchor="top", x=0))
+    fig.update_xaxes(tickformat=".0%", range=[0, max(1.0, float(vals.sum(axis=1).max()))])
     fig.update_yaxes(autorange="reversed")
-    return _style(fig, title, height=max(240, 150 + 22 * len(layers)))
+    fig = _style(fig, title, height=max(260, 170 + 22 * len(layers)))
+    fig.update_layout(margin=dict(b=80))
+    return fig
 
 
-def hca_weights(hca: Mapping[int, np.ndarray], n_tokens: int, docs=(), max_columns: int = 2000) -> go.Figure:
-    """Step line per HCA layer of attention weight over 128-token entries (summed per bin)."""
-    title = "HCA: attention weight over 128-token summaries"
+def hca_weights(hca: Mapping[int, np.ndarray], n_tokens: int, docs=(), max_columns: int = 2000,
+                rate: int = 128) -> go.Figure:
+    """Step line per HCA layer of attention weight over ``rate``-token entries (summed per bin)."""
+    title = f"HCA: attention weight over {rate}-token summaries"
     if not hca or n_tokens <= 0:
         return _empty(title, "No HCA weights recorded yet.")
     fig = go.Figure()
     for l in sorted(hca):
-        edges, vals = bin_positions(hca[l], 128, n_tokens, max_columns, "sum")
+        edges, vals = bin_positions(hca[l], rate, n_tokens, max_columns, "sum")
         fig.add_trace(go.Scatter(
             x=edges, y=np.append(vals, vals[-1]), customdata=np.append(edges[1:], n_tokens) - 1,
             mode="lines", line_shape="hv", name=f"L{l}",
             hovertemplate=f"L{l}" + "<br>tokens %{x:,}–%{customdata:,}<br>weight %{y:.3g}<extra></extra>"))
     _add_docs(fig, _docs(docs, n_tokens))
-    bin_tokens = int(edges[1] - edges[0]) if edges.size > 1 else 128
+    bin_tokens = int(edges[1] - edges[0]) if edges.size > 1 else rate
     fig.update_xaxes(title="context position (tokens)", range=[0, n_tokens])
     fig.update_yaxes(title=f"weight (sum per {bin_tokens:,} tokens)", rangemode="tozero")
     return _style(fig, title)
@@ -271,10 +274,12 @@ def compression_boundary(n_tokens: int, window: int = 128, ratios: Mapping[int, 
                   line=dict(color="#C44", dash="dash"))
     fig.add_annotation(text=f"context end ({n_tokens:,})", x=n_tokens, y=1, xref="x", yref="paper",
                        xanchor="right", yanchor="bottom", showarrow=False, font=dict(size=11))
-    fig.update_layout(barmode="overlay", bargap=0.35, legend=dict(orientation="h", y=-0.2))
+    fig.update_layout(barmode="overlay", bargap=0.35, legend=dict(orientation="h", y=-0.3, yanchor="top", x=0))
     fig.update_xaxes(range=[v0, n_tokens + max(1, (n_tokens - v0) // 50)], title="token position")
     fig.update_yaxes(autorange="reversed", categoryorder="array", categoryarray=row_order)
-    return _style(fig, title, height=180 + 45 * (1 + len(by_rate)))
+    fig = _style(fig, title, height=200 + 45 * (1 + len(by_rate)))
+    fig.update_layout(margin=dict(b=95))
+    return fig
 
 
 def cache_ledger(nbytes: Mapping[str, int], dense_bytes: int) -> go.Figure:

@@ -14,6 +14,7 @@ _EXPORTS = {
     "ModelConfig": "config", "Transformer": "model", "load_model": "model",
     "Engine": "engine", "Session": "engine", "GenerationParams": "engine", "EngineError": "engine",
     "ContextTooLarge": "engine", "PrefillProgress": "engine", "Piece": "engine", "Answer": "engine",
+    "Cancelled": "engine", "LoadReport": "engine", "Limits": "corpus", "ingest": "corpus", "CorpusError": "corpus",
     "Provenance": "provenance", "Source": "provenance", "SnapshotError": "snapshot", "list_snapshots": "snapshot",
 }
 __all__ = sorted(_EXPORTS)

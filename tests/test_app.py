@@ -1,0 +1,366 @@
+"""The running app, driven through gradio_client on loopback: upload, prefill, ask, sources;
+per-user isolation; clear messages for oversize, binary and too-large inputs; one model queue;
+LRU eviction of idle sessions to snapshots and transparent reload.
+
+A random tiny model answers garbage, so these tests check plumbing and the provenance mapping
+(chips and the source viewer show exactly the lines the capture points at); the needle test
+with the trained model runs only when assets/model exists.
+"""
+
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="longlens-gradio-"))
+
+import httpx
+import pytest
+import torch
+
+from test_engine import NEEDLE, tiny_model_dir
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "assets" / "model"
+QUESTION = "What is the secret launch code?"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: thread hand-offs cost more than their math on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_app(model_dir, snapshot_dir, **over):
+    """Build and launch the app as launch.py does; returns (demo, url)."""
+    from app import Settings, build_demo
+
+    settings = Settings(model_dir=model_dir, snapshot_dir=snapshot_dir, **{
+        "max_file_bytes": 64 << 10, "max_sessions": 2, "chunk_size": 256, **over})
+    demo, launch_kwargs = build_demo(settings)
+    demo.queue(default_concurrency_limit=settings.concurrency, max_size=64)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
+                            max_file_size=settings.max_file_bytes, **launch_kwargs)
+    return demo, url
+
+
+def write_files(folder: Path, specs: dict[str, str]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, text in specs.items():
+        (folder / name).write_text(text)
+        out.append(folder / name)
+    return out
+
+
+def lines(word: str, n: int = 24, needle_at: int | None = None) -> str:
+    rows = [f"{word} note {i}: nothing to see here" for i in range(1, n + 1)]
+    if needle_at:
+        rows[needle_at - 1] = NEEDLE
+    return "\n".join(rows) + "\n"
+
+
+def text_of(message) -> str:
+    """A gradio 6 chat message's text (content is a list of parts)."""
+    c = message["content"]
+    return c if isinstance(c, str) else "".join(p.get("text", "") for p in c if isinstance(p, dict))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def app(model_dir, tmp_path_factory):
+    demo, url = launch_app(model_dir, tmp_path_factory.mktemp("snapshots"))
+    yield demo, url
+    demo.close()
+
+
+def client(url):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def load(c, paths):
+    from gradio_client import handle_file
+
+    return c.predict([handle_file(str(p)) for p in paths], api_name="/load_files")
+
+
+def ask(c, question=QUESTION, max_new_tokens=6):
+    return c.predict(question, max_new_tokens, 0.0, -1, api_name="/ask")
+
+
+# ------------------------------------------------------------------------------------ the main path
+@pytest.fixture(scope="module")
+def alice(app, tmp_path_factory):
+    """A client with two files loaded (progress streamed: the load job is returned) and one answer."""
+    from gradio_client import handle_file
+
+    demo, url = app
+    c = client(url)
+    paths = write_files(tmp_path_factory.mktemp("alice"), {"a.txt": lines("apple", 60),
+                                                           "b.txt": lines("river", 60, needle_at=17)})
+    job = c.submit([handle_file(str(p)) for p in paths], api_name="/load_files")
+    job.result()
+    answer = ask(c)
+    return c, job, answer
+
+
+def test_upload_prefill_ask_sources(app, alice):
+    demo, _ = app
+    c, job, (chat, chips, question) = alice
+    progress = [o[0] for o in job.outputs() if o and isinstance(o[0], str) and "ll-bar" in o[0]]
+    assert progress and "tokens/s" in progress[0] and "ETA" in progress[0]  # streamed while prefilling
+    out = job.result()
+    status, summary, docs, ledger, snaps = out[:5]
+    assert "Corpus ready" in status and "2 document(s)" in status
+    assert "a.txt" in docs and "b.txt" in docs and "/tmp" not in docs  # named as uploaded, not by temp path
+    assert "2</b> documents" in summary
+    assert ledger["type"] == "plotly" and "dense equivalent" in ledger["plot"]
+    assert len(snaps["choices"]) == 1  # the prefill was saved as this session's snapshot
+    assert [m["role"] for m in chat] == ["user", "assistant"] and text_of(chat[0]) == QUESTION
+    assert question == ""  # the box is cleared for the next question
+    # the chips are the provenance's sources, and the viewer opens exactly their lines
+    ws = demo.longlens.registry.peek(c.session_hash)
+    prov = ws.provenance
+    assert prov is not None and prov.sources
+    for i, src in enumerate(prov.sources[:3]):
+        assert src.file in ("a.txt", "b.txt")
+        assert f'data-ll-open="src:0:{i}"' in chips
+        view = c.predict(f"src:0:{i}", api_name="/open_source")
+        assert src.file in view and f"target {src.line_start}–{src.line_end}" in view
+        first = src.snippet.split("\n")[0].rstrip("…")[:30]
+        assert first.replace("'", "&#x27;") in view
+    # the viewer maps a context position back to file and line: the needle's tokens -> b.txt:17
+    d = ws.layout.documents[1]
+    needle_pos = next(p for p in range(d.text_start, d.text_end) if ws.layout.lines[p] == 17) + ws.offset
+    view = c.predict(f"pos:{needle_pos}", api_name="/open_source")
+    assert "<b>b.txt</b>" in view and "target 17–17" in view and NEEDLE in view
+
+
+def test_inspector_views(app, alice):
+    demo, _ = app
+    c = alice[0]
+    heat, mass, hca, boundary = c.predict("all", "attention weight", api_name="/inspect")
+    assert all(f["type"] == "plotly" for f in (heat, mass, hca, boundary))
+    assert '"type":"heatmap"' in heat["plot"] and "b.txt" in heat["plot"]
+    heat0, *_ = c.predict("0", "times picked", api_name="/inspect")  # one answer token
+    assert "answer token #0" in heat0["plot"]
+    ws = demo.longlens.registry.peek(c.session_hash)
+    layer = next(iter(ws.provenance.csa))
+    view = c.predict(f"cell:{layer}:0", api_name="/open_source")  # a heatmap cell -> the heaviest pick in it
+    assert "picked by CSA layer" in view or "not document text" in view or "holds no selected block" in view
+
+
+def test_two_clients_are_isolated(app, alice, tmp_path):
+    demo, _ = app
+    a = alice[0]
+    b = client(app[1])
+    out = load(b, write_files(tmp_path, {"c.md": lines("stone"), "d.py": "x = 1\n" * 30}))
+    status, summary, docs, ledger, snaps = out[:5]
+    assert "c.md" in docs and "a.txt" not in docs and "b.txt" not in docs
+    assert all("a.txt" not in label for label, _ in snaps["choices"])  # not even the other's snapshot
+    chat, chips, _ = ask(b)
+    assert len(chat) == 2 and "a.txt" not in chips and "b.txt" not in chips
+    assert "no document named" in b.predict("file:b.txt:17", api_name="/open_source")
+    assert "c.md" in b.predict("src:0:0", api_name="/open_source") or "d.py" in b.predict("src:0:0",
+                                                                                            api_name="/open_source")
+    # and Alice still sees only her own corpus and her one answer
+    assert "<b>b.txt</b>" in a.predict("file:b.txt:17", api_name="/open_source")
+    assert "no document named" in a.predict("file:c.md:1", api_name="/open_source")
+    wa, wb = (demo.longlens.registry.peek(x.session_hash) for x in (a, b))
+    assert wa is not wb and len(wa.turns) == 1 and {d[0] for d in wa.docs} == {"a.txt", "b.txt"}
+
+
+def test_snapshots_are_listed_and_reload(app, alice, tmp_path):
+    a = alice[0]
+    snaps = a.predict(api_name="/list_snapshots")
+    (label, path), = snaps["choices"]
+    assert "2 docs" in label and "a.txt" in label
+    out = a.predict(path, api_name="/load_snapshot")
+    assert "Corpus ready" in out[0] and "a.txt" in out[2] and out[5] == []  # the corpus back, a fresh chat
+    # another user can neither list nor load it
+    b = client(app[1])
+    assert b.predict(api_name="/list_snapshots")["choices"] == []
+    assert "Pick a snapshot" in b.predict(path, api_name="/load_snapshot")[0]
+    # the same files from another user reuse the snapshot: no prefill
+    paths = write_files(tmp_path, {"a.txt": lines("apple", 60), "b.txt": lines("river", 60, needle_at=17)})
+    status = load(b, paths)[0]
+    assert "reused a snapshot" in status
+
+
+def test_missing_model_is_shown_not_raised(tmp_path):
+    from app import Settings, build_demo
+
+    demo, _ = build_demo(Settings(model_dir=tmp_path / "nothing", snapshot_dir=tmp_path / "s"))
+    html = next(b.value for b in demo.blocks.values() if getattr(b, "elem_id", None) == "ll-header")
+    assert "No model loaded" in html and "config.json missing" in html
+
+
+def test_bad_inputs_leave_the_session_usable(app, tmp_path):
+    from gradio_client import handle_file
+
+    demo, url = app
+    c = client(url)
+    good = write_files(tmp_path / "good", {"notes.txt": lines("cloud", needle_at=3)})
+    assert "Corpus ready" in load(c, good)[0]
+    # oversize: refused at upload (client side and by the server), with the limit in the message
+    big = tmp_path / "big.txt"
+    big.write_text("word " * (20 << 10))  # 100 KiB > 64 KiB
+    with pytest.raises(Exception, match="maximum file size"):
+        load(c, [big])
+    with big.open("rb") as f:
+        r = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.txt", f)})
+    assert r.status_code == 413 and "maximum allowed size" in r.text.lower()
+    # binary only: refused with the reason; binary next to text: skipped and named
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\x00\x01\x02\x03binary\x00" * 64)
+    status = load(c, [binary])[0]
+    assert "cannot be used" in status and "blob.bin: binary" in status and "previous corpus is still loaded" in status
+    status = load(c, [binary, *good])[0]
+    assert "Corpus ready" in status and "blob.bin: binary" in status
+    # beyond the context (4096 - 1024 kept for the chat): refused before any prefill, nothing truncated
+    huge = write_files(tmp_path / "huge", {"huge.txt": "".join(f"line {i} of many words here\n" for i in range(900))})
+    status = load(c, huge)[0]
+    assert "does not fit the context" in status and "at most" in status and "previous corpus is still loaded" in status
+    # still usable: the previous corpus answers
+    chat, chips, _ = ask(c)
+    assert len(chat) == 2 and "notes.txt" in chips
+
+
+def test_model_jobs_share_one_queue(app):
+    demo, _ = app
+    fns = {f.api_name: f for f in demo.fns.values()}
+    for name in ("load_files", "load_folder", "load_sample", "load_snapshot", "ask", "retry", "clear"):
+        assert (fns[name].concurrency_id, fns[name].concurrency_limit, fns[name].queue) == ("model", 1, True), name
+    for name in ("stop", "cancel_prefill"):
+        assert fns[name].queue is False, name  # acts at once, even while the model queue is full
+
+
+def test_stop_retry_clear(app, tmp_path):
+    demo, url = app
+    c = client(url)
+    load(c, write_files(tmp_path, {"e.txt": lines("ember")}))
+    job = c.submit(QUESTION, 512, 0.0, -1, api_name="/ask")
+    deadline = time.time() + 60
+    while not job.outputs() and time.time() < deadline:  # first streamed piece
+        time.sleep(0.05)
+    c.predict(api_name="/stop")
+    chat, _, _ = job.result(timeout=60)
+    assert "stopped" in text_of(chat[-1])
+    chat, _, _ = c.predict(4, 0.0, -1, api_name="/retry")
+    assert len(chat) == 2 and text_of(chat[0]) == QUESTION
+    chat, chips, _ = c.predict(api_name="/clear")
+    assert chat == [] and chips == ""
+
+
+def test_idle_sessions_are_spilled_and_reload(app, tmp_path):
+    demo, url = app
+    registry = demo.longlens.registry
+    first = client(url)
+    load(first, write_files(tmp_path / "f", {"first.txt": lines("first")}))
+    ws = registry.peek(first.session_hash)
+    others = []
+    for i in range(2):  # max_sessions=2: two more resident sessions push the least recently used one out
+        o = client(url)
+        load(o, write_files(tmp_path / f"o{i}", {f"other{i}.txt": lines(f"other{i}")}))
+        others.append(o)
+    assert len(registry.resident_keys()) <= 2
+    assert not ws.resident and ws.spilled is not None and ws.spilled.is_dir()
+    assert "first.txt" in first.predict("file:first.txt:2", api_name="/open_source")  # views work while spilled
+    chat, chips, _ = ask(first)  # a model job reloads it transparently
+    assert ws.resident and ws.spilled is None and len(chat) == 2 and "first.txt" in chips
+    assert len(registry.resident_keys()) <= 2
+    # the browser leaving releases the session and its spill folder
+    spilled = [registry.peek(o.session_hash) for o in others]
+    key = next(o.session_hash for o, w in zip(others, spilled) if not w.resident)
+    folder = registry.spill_folder(key)
+    assert folder.is_dir()
+    registry.release(key)
+    assert not folder.exists() and key not in registry.resident_keys()
+
+
+def test_registry_lru_never_evicts_busy(tmp_path):
+    from app.sessions import Busy, Registry
+
+    class Fake:
+        def __init__(self, key):
+            self.key, self.resident, self.busy, self.last_used, self.spills = key, False, "", 0.0, 0
+
+        def spill(self, folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            self.resident, self.spills = False, self.spills + 1
+
+        def unspill(self):
+            self.resident = True
+
+        def close(self):
+            self.resident = False
+
+    reg = Registry(Fake, max_resident=2, spill_dir=tmp_path)
+    with reg.use("a", "job"):
+        with reg.use("b", "job"):
+            with pytest.raises(Busy):
+                with reg.use("a", "other"):
+                    pass
+            with reg.use("c", "job"):  # a and b are busy: nothing can go while c runs
+                assert sorted(reg.resident_keys()) == ["a", "b", "c"]
+            assert sorted(reg.resident_keys()) == ["a", "b"]  # c, the only idle one, went when it ended
+    with reg.use("c", "job"):  # back: reloaded; the least recently used idle one (b) goes
+        assert sorted(reg.resident_keys()) == ["a", "c"] and reg.peek("b").spills == 1
+    assert reg.spill_folder("b").is_dir()
+    reg.release("b")
+    assert len(reg) == 2 and not reg.spill_folder("b").exists()
+
+
+def test_build_corpus_names(tmp_path):
+    import zipfile
+
+    from app.workspace import InputError, build_corpus
+
+    up = tmp_path / "upload1"
+    up.mkdir()
+    (up / "notes.md").write_text("hello\n")
+    with zipfile.ZipFile(up / "pack.zip", "w") as z:
+        z.writestr("inner/x.py", "print(1)\n")
+    other = tmp_path / "upload2"
+    other.mkdir()
+    (other / "notes.md").write_text("again\n")
+    corpus = build_corpus([(up / "notes.md", "notes.md"), (up / "pack.zip", "pack.zip"),
+                           (other / "notes.md", "notes.md")], 1 << 20, 100)
+    assert [d.name for d in corpus.documents] == ["notes.md", "pack.zip/inner/x.py", "notes.md (2)"]
+    with pytest.raises(InputError, match="no files"):
+        build_corpus([], 1 << 20, 100)
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="no trained model in assets/model yet")
+def test_trained_model_finds_the_planted_fact(tmp_path):
+    """The shipped model, end to end: the sample corpus, its question, the answer and the right file."""
+    demo, url = launch_app(SHIPPED, tmp_path / "snapshots")
+    try:
+        c = client(url)
+        status = c.predict(api_name="/load_sample")[0]
+        assert "Corpus ready" in status
+        chat, chips, _ = c.predict("What is the access code for the misty lighthouse?", 16, 0.0, -1, api_name="/ask")
+        assert "5820417" in text_of(chat[-1])
+        ws = demo.longlens.registry.peek(c.session_hash)
+        assert ws.provenance.sources[0].file == "examples/lighthouse_log.md"
+        assert "examples/lighthouse_log.md" in chips
+    finally:
+        demo.close()
