@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt 2>&1 | grep -v "is ignored" || true
+log=$(mktemp)
+.venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt >"$log" 2>&1 || { grep -v "is ignored" "$log"; exit 1; }
 # The browser tests drive Debian's chromium through Playwright (never `playwright install`).
 if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
