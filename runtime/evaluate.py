@@ -1,0 +1,341 @@
+"""Long-context retrieval evaluation: needle facts (niah), key-value lookup (kv), quote continuation (continue).
+
+    python -m runtime eval niah --lengths 4096,32768 --depths 0,0.25,0.5,0.75,1 --seed 0 [--haystack PATH ...]
+                                [--model DIR] [--n 4] [--json]
+
+For every length L and each of ``n`` haystacks, a haystack of about L tokens is cut from the given files
+(or, by default, from the held-out split of train/corpus_sources.py, text the default model never saw in
+training) and one item per requested depth is planted in it with a seeded generator (train/tasks.py has
+the formats): a needle line, a structured key-value block, or -- for ``continue`` -- nothing (a unique
+snippet at that depth is quoted back). The haystack is prefilled once into a runtime ``Cache`` in chunks
+(``model(chunk, cache, logits_to_keep=1)``); each question then runs on its own copy of that cache in the
+chat layout of runtime/tokenizer.py, is decoded greedily until EOS, and is judged by exact match of the
+stripped strings. So a haystack holds one item per depth (the others are distractors with other keys),
+and one prefill serves all depths.
+
+Per (length, depth) cell: ``accuracy`` (exact match), ``n``, and the selection evidence of the first
+answer-token query (the ``<｜Assistant｜>`` position): ``recall`` = mean over cases of the share of CSA
+layers whose lightning-indexer top-k held an entry covering the value (an entry covers the tokens of its
+own pooling window, [w*m, (w+1)*m)); ``rank`` = mean 1-based rank, by index score, of the best such entry
+among the selected ones (over the hits); ``first`` = share of cases where the asked item's best entry
+outranks the entries of every other item planted in the same haystack (selection that tells the keys
+apart, not just "something planted is here"). Read from ``runtime.Capture``; values planted within the
+last window of the prompt can also be read through the sliding window, which recall does not see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import CSA
+from .introspect import Capture
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO / "assets" / "model"
+KINDS = ("niah", "kv", "continue")
+
+
+def _tasks():
+    """train/tasks.py (the generators shared with training), loaded by path."""
+    name = "longlens_train_tasks"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = REPO / "train" / "tasks.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --------------------------------------------------------------------------------------------- cases
+def build_case(kind: str, rng: random.Random, pool, tok, length: int, depths, variant: str = "eval"):
+    """A haystack of about ``length`` prompt tokens with one item per depth: (haystack text, [QA])."""
+    T = _tasks()
+    if kind == "niah":
+        used, items = set(), []
+        while len(items) < len(depths):
+            attr, ent = rng.choice(T.ATTRIBUTES), T._entity(rng, variant)
+            if (attr, ent) in used:
+                continue
+            used.add((attr, ent))
+            items.append((attr, ent, T.make_value(rng, variant)))
+        sents = [T.niah_sentence(*it) for it in items]
+        planted = [s for s, _ in sents]
+        questions = [T.niah_question(a, e) for a, e, _ in items]
+    elif kind == "kv":
+        used, blocks = set(), []
+        while len(blocks) < len(depths):
+            block, fmt, pairs = T._kv_block(rng, variant, 6)
+            keys = {k.lower() for k, _, _ in pairs}
+            if keys & used:
+                continue
+            used |= keys
+            blocks.append((block, fmt, pairs))
+        planted = [b for b, _, _ in blocks]
+        questions = []
+    elif kind == "continue":
+        planted, questions = [], []
+    else:
+        raise ValueError(f"unknown eval kind {kind!r}; expected one of {KINDS}")
+    q_tokens = max((len(tok.encode(q)) for q in questions), default=30)
+    overhead = sum(len(tok.encode(p)) + 1 for p in planted) + q_tokens + 6
+    hay = pool.text(max(64, length - overhead), rng)
+    qas = []
+    if kind == "continue":
+        for d in depths:
+            found = T.find_snippet(hay, rng, d)
+            if found is None:
+                continue
+            snip, cont, off = found
+            qas.append(T.QA(T.CONTINUE_QUESTION.format(snippet=snip), cont, (off, off + len(cont)), d, kind))
+        return hay, qas
+    text, spans = T.plant(hay, list(zip(depths, planted)))
+    if kind == "niah":
+        for (attr, ent, val), (s, e), (_, voff), d, q in zip(items, spans, sents, depths, questions):
+            qas.append(T.QA(q, val, (s + voff, s + voff + len(val)), d, kind))
+    else:
+        for (block, fmt, pairs), (s, e), d in zip(blocks, spans, depths):
+            key, val, off = pairs[rng.randrange(len(pairs))]
+            qas.append(T.QA(T.KV_QUESTIONS[fmt].format(key=key), val, (s + off, s + off + len(val)), d, kind))
+    return text, qas
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    step = 4096
+    while i + step <= n and a[i:i + step] == b[i:i + step]:
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _covering(span: tuple[int, int], rate: int) -> set[int]:
+    a, b = span
+    return set(range(a // rate, (b - 1) // rate + 1))
+
+
+@torch.no_grad()
+def _prefill(model, ids: list[int], cache, chunk: int):
+    logits = None
+    for s in range(0, len(ids), chunk):
+        x = torch.tensor([ids[s:s + chunk]], dtype=torch.long, device=model.device)
+        logits = model(x, cache, logits_to_keep=1)
+    return logits
+
+
+@torch.no_grad()
+def _answer(model, tok, tail: list[int], cache, max_new: int, capture: Capture):
+    logits = model(torch.tensor([tail], dtype=torch.long, device=model.device), cache, capture=capture,
+                   logits_to_keep=1)
+    out = []
+    for _ in range(max_new):
+        nxt = int(logits[0, -1].argmax())
+        if nxt == tok.eos_id:
+            break
+        out.append(nxt)
+        logits = model(torch.tensor([[nxt]], dtype=torch.long, device=model.device), cache, logits_to_keep=1)
+    return out
+
+
+def _selection(model, capture: Capture, query_pos: int, value_tokens: tuple[int, int]):
+    """(share of CSA layers whose top-k held an entry covering the value, best 1-based rank or None per layer)."""
+    cfg = model.config
+    hits, ranks = [], []
+    for layer in capture.layers:
+        if cfg.layer_types[layer] != CSA:
+            continue
+        rec = capture.record(layer)
+        idx = (rec.positions == query_pos).nonzero()
+        if len(idx) == 0:
+            continue
+        i = int(idx[0, 0])
+        sel, scr = rec.selected[0, i], rec.scores[0, i]
+        cover = _covering(value_tokens, cfg.compress_rates[CSA])
+        order = torch.argsort(scr, descending=True, stable=True)
+        rank = None
+        for r, j in enumerate(order.tolist()):
+            if int(sel[j]) in cover:
+                rank = r + 1
+                break
+        hits.append(rank is not None)
+        ranks.append(rank)
+    return (sum(hits) / len(hits) if hits else float("nan")), ranks
+
+
+def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5, 0.75, 1.0), seed: int = 0,
+             haystack_paths=None, n: int = 4, chunk: int = 8192, model=None, tokenizer=None,
+             max_new_tokens: int | None = None, progress=None, pool=None) -> list[dict]:
+    """One dict per (length, depth): kind, length, depth, n, correct, accuracy, recall, rank, first, tokens
+    (mean prompt length), seconds (mean wall time per haystack of that length: prefill + all its questions),
+    seed, examples (question, answer, output, ok, recall, ranks, first, prompt tokens)."""
+    from .model import load_model
+    from .tokenizer import Tokenizer
+
+    T = _tasks()
+    if kind not in KINDS:
+        raise ValueError(f"unknown eval kind {kind!r}; expected one of {KINDS}")
+    model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL
+    if model is None:
+        model = load_model(model_dir)
+    model.eval()
+    if tokenizer is None:
+        tokenizer = Tokenizer.from_file(model_dir / "tokenizer.json") if (model_dir / "tokenizer.json").is_file() \
+            else Tokenizer.default()
+    tok = tokenizer
+    depths = [float(d) for d in depths]
+    if pool is None:
+        if haystack_paths:
+            pool = T.TokenPool.from_files(haystack_paths, tok)
+        else:
+            need = int(max(lengths) * 3.6) + 500_000
+            pool = T.TokenPool.corpus("heldout", need, tok)
+    cells = {(L, d): [] for L in lengths for d in depths}
+    secs = {L: 0.0 for L in lengths}
+    for L in lengths:
+        for i in range(n):
+            rng = random.Random(f"{seed}:{kind}:{L}:{i}")
+            t0 = time.time()
+            hay, qas = build_case(kind, rng, pool, tok, L, depths)
+            prompts = []
+            for qa in qas:
+                content = hay + "\n\n" + qa.question
+                ids = tok.render_chat([{"role": "user", "content": content}])
+                cids, offsets = tok.encode_with_offsets(content)
+                qa.value_tokens = T.char_span_to_tokens(offsets, qa.value_chars, 2)
+                prompts.append(ids)
+            if not prompts:
+                continue
+            P = min(_common_prefix(prompts[0], p) for p in prompts) if len(prompts) > 1 else len(prompts[0]) - 1
+            P = min(P, min(len(p) for p in prompts) - 1)
+            cache = model.new_cache()
+            _prefill(model, prompts[0][:P], cache, chunk)
+            for k, (qa, ids) in enumerate(zip(qas, prompts)):
+                c = cache if k == len(qas) - 1 else copy.deepcopy(cache)
+                cap = Capture()
+                n_ans = len(tok.encode(qa.answer))
+                out = _answer(model, tok, ids[P:], c, max_new_tokens or n_ans + 8, cap)
+                text = tok.decode(out, skip_special_tokens=True)
+                ok = text.strip() == qa.answer.strip()
+                rec, ranks = _selection(model, cap, len(ids) - 1, qa.value_tokens)
+                # distractor check: does the asked item outrank every other planted item in the selection?
+                others = [_selection(model, cap, len(ids) - 1, o.value_tokens)[1] for o in qas if o is not qa]
+                best = [r for r in ranks if r is not None]
+                other_best = [r for rs in others for r in rs if r is not None]
+                first = bool(best) and (not other_best or min(best) < min(other_best))
+                cells[(L, qa.depth)].append(dict(question=qa.question, answer=qa.answer, output=text, ok=ok,
+                                                 recall=rec, ranks=ranks, first=first, tokens=len(ids)))
+                del c, cap
+            secs[L] += time.time() - t0
+            if progress is not None:
+                progress(f"{kind} L={L} haystack {i + 1}/{n}: "
+                         f"{sum(e['ok'] for d in depths for e in cells[(L, d)][-1:])}/{len(qas)} right, "
+                         f"{time.time() - t0:.1f}s")
+            del cache
+    results = []
+    for L in lengths:
+        for d in depths:
+            ex = cells[(L, d)]
+            hits = [r for e in ex for r in e["ranks"] if r is not None]
+            recs = [e["recall"] for e in ex if not math.isnan(e["recall"])]
+            results.append(dict(
+                kind=kind, length=L, depth=d, n=len(ex), correct=sum(e["ok"] for e in ex),
+                accuracy=(sum(e["ok"] for e in ex) / len(ex)) if ex else None,
+                recall=(sum(recs) / len(recs)) if recs else None,
+                rank=(sum(hits) / len(hits)) if hits else None,
+                first=(sum(e["first"] for e in ex) / len(ex)) if ex else None,
+                tokens=round(sum(e["tokens"] for e in ex) / len(ex)) if ex else None,
+                seconds=round(secs[L] / max(1, n), 2), seed=seed, examples=ex))
+    return results
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _int_list(s: str) -> list[int]:
+    out = []
+    for part in s.split(","):
+        p = part.strip().lower()
+        mult = 1
+        if p.endswith("k"):
+            mult, p = 1024, p[:-1]
+        elif p.endswith("m"):
+            mult, p = 1024 * 1024, p[:-1]
+        out.append(int(float(p) * mult))
+    return out
+
+
+def _float_list(s: str) -> list[float]:
+    vals = [float(x) for x in s.split(",") if x.strip()]
+    bad = [v for v in vals if not 0.0 <= v <= 1.0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"depths must lie in [0, 1], got {bad}")
+    return vals
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("kind", choices=KINDS, help="niah: needle facts; kv: key-value lookup in JSON/CSV/config/"
+                                                    "code blocks; continue: continue a quoted snippet verbatim")
+    parser.add_argument("--lengths", type=_int_list, default=[4096, 32768],
+                        help="comma-separated prompt lengths in tokens (4096, 32k, 1M accepted)")
+    parser.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                        help="comma-separated item depths in [0, 1] (0 = start of the haystack)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--haystack", action="extend", nargs="+", default=None, metavar="PATH",
+                        help="files or folders to cut haystacks from (default: the held-out corpus split)")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder (default: assets/model)")
+    parser.add_argument("--n", type=int, default=4, help="haystacks per length (each holds one item per depth)")
+    parser.add_argument("--chunk", type=int, default=8192, help="prefill chunk size in tokens")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per cell on stdout")
+    parser.add_argument("--examples", action="store_true", help="with --json, include every question and output")
+    return parser
+
+
+def format_table(results: list[dict]) -> str:
+    head = (f"{'kind':8s} {'length':>8s} {'depth':>5s} {'n':>3s} {'acc':>6s} {'recall':>6s} {'rank':>5s} "
+            f"{'first':>5s} {'tokens':>8s} {'s/hay':>7s}")
+    lines = [head, "-" * len(head)]
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)
+    for r in results:
+        lines.append(f"{r['kind']:8s} {r['length']:8d} {r['depth']:5.2f} {r['n']:3d} {f(r['accuracy'], '6.2f')} "
+                     f"{f(r['recall'], '6.2f')} {f(r['rank'], '5.1f')} {f(r.get('first'), '5.2f')} "
+                     f"{f(r['tokens'], '8d')} {r['seconds']:7.1f}")
+    return "\n".join(lines)
+
+
+def main_eval(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    progress = lambda msg: print(msg, file=sys.stderr, flush=True)
+    results = evaluate(args.kind, args.model, args.lengths, args.depths, args.seed, args.haystack, n=args.n,
+                       chunk=args.chunk, progress=progress)
+    if args.json:
+        for r in results:
+            if not args.examples:
+                r = {k: v for k, v in r.items() if k != "examples"}
+            print(json.dumps(r), flush=True)
+    else:
+        print(format_table(results))
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m runtime.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_arguments(ap)
+    return main_eval(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

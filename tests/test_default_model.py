@@ -1,0 +1,108 @@
+"""The shipped default model (assets/model): it loads with the runtime, finds a planted needle in a
+~2k-token held-out haystack end to end (chunked prefill, greedy decode), and evaluate() returns
+well-formed cells."""
+
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import runtime
+from runtime import evaluate as ev
+from runtime.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = REPO / "assets" / "model"
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return runtime.load_model(MODEL)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.from_file(MODEL / "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def pool(tok):
+    """Held-out haystack text (stdlib + Python docs only: listing them is fast)."""
+    sys.path.insert(0, str(REPO / "train"))
+    import corpus_sources
+
+    T = ev._tasks()
+    texts = corpus_sources.iter_texts("heldout", 400_000, sources=("stdlib", "pydoc"))
+    return T.TokenPool.from_texts(texts, tok)
+
+
+def test_shipped_folder():
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "MODEL_CARD.md"):
+        assert (MODEL / name).is_file(), name
+    assert (MODEL / "model.safetensors").stat().st_size <= 50 * 1024 * 1024
+    assert (MODEL / "tokenizer.json").read_bytes() == (REPO / "assets" / "tokenizer.json").read_bytes()
+
+
+def _needle_case(model, tok, pool):
+    T = ev._tasks()
+    rng = random.Random(2024)
+    hay = pool.text(2000, rng)
+    value = "5820417"
+    sentence, voff = T.niah_sentence("access code", "misty lighthouse", value)
+    text, spans = T.plant(hay, [(0.3, sentence)])
+    content = text + "\n\n" + T.niah_question("access code", "misty lighthouse")
+    ids = tok.render_chat([{"role": "user", "content": content}])
+    assert 1800 < len(ids) < 2300
+    with torch.no_grad():
+        cache = model.new_cache()
+        ev._prefill(model, ids[:-200], cache, chunk=700)  # chunked prefill of the haystack
+        cap = runtime.Capture()
+        out = ev._answer(model, tok, ids[-200:], cache, 16, cap)
+    _, offsets = tok.encode_with_offsets(content)
+    vt = T.char_span_to_tokens(offsets, (spans[0][0] + voff, spans[0][0] + voff + len(value)), 2)
+    recall, ranks = ev._selection(model, cap, len(ids) - 1, vt)
+    return value, tok.decode(out, skip_special_tokens=True), recall, ranks
+
+
+def test_needle_2k_selected(model, tok, pool):
+    """End to end (chunked prefill, question, capture): the CSA top-k of the answer query holds the needle."""
+    value, output, recall, ranks = _needle_case(model, tok, pool)
+    assert recall == 1.0 and ranks[0] is not None and ranks[0] <= 8
+    assert output and not output.isspace()  # it answers something (greedy, stops at EOS or the cap)
+
+
+@pytest.mark.xfail(strict=False, reason="the shipped checkpoint finds the needle but does not copy the value "
+                                        "yet (see assets/model/MODEL_CARD.md); a retrained model should pass")
+def test_needle_2k_answer_exact(model, tok, pool):
+    value, output, _, _ = _needle_case(model, tok, pool)
+    assert output == value
+
+
+def test_evaluate_cells(model, tok, pool):
+    res = ev.evaluate("niah", MODEL, lengths=[1024], depths=[0.2, 0.8], seed=3, n=1, model=model, tokenizer=tok,
+                      pool=pool)
+    assert [(r["length"], r["depth"]) for r in res] == [(1024, 0.2), (1024, 0.8)]
+    for r in res:
+        assert r["kind"] == "niah" and r["n"] == 1 and r["correct"] in (0, 1)
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
+        assert r["rank"] is None or 1 <= r["rank"] <= model.config.index_topk
+        assert abs(r["tokens"] - 1024) < 64
+        ex = r["examples"][0]
+        assert set(ex) >= {"question", "answer", "output", "ok", "recall", "ranks"}
+    table = ev.format_table(res)
+    assert "niah" in table and "1024" in table
+
+
+def test_eval_cli_arguments():
+    import argparse
+    ap = ev.add_eval_arguments(argparse.ArgumentParser())
+    a = ap.parse_args(["kv", "--lengths", "4096,32k", "--depths", "0,0.5,1", "--seed", "7", "--haystack", "a", "b",
+                       "--json"])
+    assert a.kind == "kv" and a.lengths == [4096, 32768] and a.depths == [0.0, 0.5, 1.0]
+    assert a.seed == 7 and a.haystack == ["a", "b"] and a.json
+    with pytest.raises(SystemExit):
+        ap.parse_args(["niah", "--depths", "1.5"])

@@ -1,0 +1,124 @@
+"""Training-only auxiliary losses on the CSA layer's retrieval path (nothing here runs at inference).
+
+The lightning indexer's top-k is not differentiable, so the language-model loss never reaches the
+indexer; and a tiny model does not leave the retrieval plateau from the LM loss alone
+(/work/shared/design/default_model.md §3.2). This module recomputes, from the CSA layer's own
+submodules and the inputs captured by a forward pre-hook, the quantities the runtime computes inside
+``Attention.forward`` -- it changes no runtime numerics:
+
+* main CSA logits of selected queries against *all* visible compressed entries (the entries are taken
+  from the cache the forward pass just filled, so gradients flow into the compressor and the q path);
+* lightning-indexer scores of the same queries, on **detached** inputs (the indexer learns only from
+  these losses, as in DeepSeek-V3.2).
+
+Losses (all means over the queries they apply to):
+* ``csa_sup``: cross-entropy of the head-mean main logits toward the set of entries holding the value
+  being copied (-log of the softmax mass on that set);
+* ``idx_sup``: the same on the indexer scores;
+* ``idx_kl``: KL(p || softmax(I)) where p is the main attention over compressed entries, averaged over
+  heads and renormalised (detached) -- V3.2's indexer objective, computed densely over all visible entries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from runtime.cache import CompressorState
+from runtime.layers import apply_rope, rope_cos_sin, unweighted_rms_norm
+
+
+class CSAProbe:
+    """Captures the CSA layer's attention input during a forward and computes the auxiliary losses."""
+
+    def __init__(self, model, layer: int):
+        self.model, self.layer = model, layer
+        self.attn = model.layers[layer].attn
+        self.indexer = self.attn.indexer  # kept even while the forward runs with the indexer detached
+        assert self.indexer is not None, f"layer {layer} is not a CSA layer"
+        self.x = None
+        self._h = self.attn.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.x = args[0]  # [B, T, D] normalised attention input (part of the graph)
+
+    def remove(self):
+        self._h.remove()
+
+    def _main_logits(self, x_b, entries_b, pos):
+        """Head-wise main logits [H, Q, N] of queries at positions pos (1-D) for one sequence."""
+        a = self.attn
+        cos, sin = rope_cos_sin(a.inv_freq, pos, x_b.dtype)
+        xq = x_b[pos]  # [Q, D]
+        cq = a.q_norm(a.wq_a(xq))
+        q = unweighted_rms_norm(a.wq_b(cq).view(len(pos), a.n_heads, a.head_dim), a.cfg.rms_norm_eps)
+        q = apply_rope(q, cos[:, None], sin[:, None])
+        return torch.einsum("qhd,nd->hqn", q, entries_b) * a.head_dim ** -0.5, cq
+
+    def losses(self, cache, sup: list[list[tuple[int, list[int]]]], kl_pos: list[torch.Tensor]):
+        """sup[b] = [(query position, [target entry ids]), ...]; kl_pos[b] = LongTensor of query positions.
+
+        Returns dict of scalar losses (and a few detached metrics)."""
+        a, ix = self.attn, self.indexer
+        x = self.x
+        entries = cache.layers[self.layer].kv.entries.view()  # [B, N, d], attached to the graph
+        B, T, _ = x.shape
+        rate = a.rate
+        out = {"csa_sup": [], "idx_sup": [], "idx_kl": [], "idx_hit": [], "csa_top1": []}
+        xd = x.detach()
+        dev = x.device
+        for b in range(B):
+            qpos = [p for p, _ in sup[b]]
+            pos = torch.tensor(qpos, dtype=torch.long, device=dev)
+            pos = torch.cat([pos, kl_pos[b].to(dev)]) if len(kl_pos[b]) else pos
+            if len(pos) == 0:
+                continue
+            st = CompressorState()
+            ix.compressor(xd[b:b + 1], st, a.inv_freq)
+            ikeys = st.entries.view()[0]  # [N, d_I] from detached input
+            N = ikeys.shape[0]
+            logits, cq = self._main_logits(x[b], entries[b, :N], pos)  # [H, Q, N]
+            cos, sin = rope_cos_sin(a.inv_freq, pos, x.dtype)
+            iq, iw = ix.queries(xd[b][pos][None], cq.detach()[None], cos, sin)
+            iscore = ix.scores(iq, iw, ikeys[None])[0]  # [Q, N]
+            visible = torch.arange(N, device=dev)[None] < ((pos + 1) // rate)[:, None]  # [Q, N]
+            ok = visible.sum(-1) > 0
+            mean_logit = logits.mean(0).masked_fill(~visible, float("-inf"))
+            iscore = iscore.masked_fill(~visible, float("-inf"))
+            nq = len(qpos)
+            if nq:
+                tgt = torch.zeros(nq, N, dtype=torch.bool, device=dev)
+                for i, (_, ents) in enumerate(sup[b]):
+                    for e in ents:
+                        if 0 <= e < N:
+                            tgt[i, e] = True
+                tgt &= visible[:nq]
+                rows = tgt.any(-1)
+                if rows.any():
+                    ml, isc, tg = mean_logit[:nq][rows], iscore[:nq][rows], tgt[rows]
+                    out["csa_sup"].append(torch.logsumexp(ml, -1) - torch.logsumexp(ml.masked_fill(~tg, float("-inf")), -1))
+                    out["idx_sup"].append(torch.logsumexp(isc, -1) - torch.logsumexp(isc.masked_fill(~tg, float("-inf")), -1))
+                    with torch.no_grad():
+                        k = min(ix.topk, N)
+                        top = isc.topk(k, dim=-1).indices
+                        out["idx_hit"].append(tg.gather(1, top).any(-1).float())
+                        out["csa_top1"].append(tg.gather(1, ml.argmax(-1, keepdim=True))[:, 0].float())
+            # V3.2 indexer KL toward the (detached) head-averaged main attention over visible entries
+            with torch.no_grad():
+                p = torch.softmax(logits.detach().masked_fill(~visible[None], float("-inf")), dim=-1).mean(0)
+            m = ok & (visible.sum(-1) >= 2)
+            if m.any():
+                logq = torch.log_softmax(iscore[m], dim=-1)
+                pm = p[m]
+                kl = (pm * (torch.log(pm.clamp_min(1e-12)) - logq.masked_fill(pm == 0, 0.0))).sum(-1)
+                out["idx_kl"].append(kl)
+        res = {}
+        for k, v in out.items():
+            res[k] = torch.cat(v).mean() if v else None
+        return res
+
+
+def entry_targets(value_pos: int, query_pos: int, rate: int) -> list[int]:
+    """CSA entries that pool token ``value_pos``: its own window's entry and the next one (overlap)."""
+    w = value_pos // rate
+    return [e for e in (w, w + 1) if e < (query_pos + 1) // rate]

@@ -1,0 +1,477 @@
+"""Train the embedded default model ("ds4-tiny"): a small DeepSeek-V4 that finds things in long contexts.
+
+    .venv/bin/python train/train.py --out train/runs/ds4-tiny            # full curriculum (resumes if a checkpoint exists)
+    .venv/bin/python train/train.py --out train/runs/smoke --smoke       # a few minutes: does it learn at all?
+    .venv/bin/python train/train.py --out train/runs/ds4-tiny --export assets/model   # write the shipped folder
+
+The model is the runtime's own ``runtime.model.Transformer`` built from ``CONFIG`` (a transformers-style
+config.json); training calls its ordinary differentiable forward. Losses:
+
+* language modelling on a random share of the haystack/question positions (``--lm-rate``);
+* answer tokens (and the closing EOS) of every question, weighted ``--w-answer``;
+* retrieval supervision and the V3.2 indexer KL on the CSA layer (train/retrieval_losses.py): the
+  head-mean CSA logits and the lightning-indexer scores of every answer-token query are pushed toward the
+  compressed entries that pool the value token being copied; the indexer (detached inputs) also follows
+  the main attention by KL.
+
+* copy drills (``RECAP_P`` of the examples, tasks.add_recap): some planted lines are repeated verbatim
+  before the question; their values are predicted like answers and supervised like answers.
+
+Curriculum (``STAGES``): the first stage runs the CSA layer dense over all compressed entries (the indexer
+is detached from the forward; V3.2's dense warm-up) at short length; later stages use the real sparse top-k
+at longer lengths. Data and every random draw of step ``s`` come from ``seed`` and ``s`` alone, so a resumed
+run is identical to an uninterrupted one. Checkpoints (model, optimiser, step) are written every
+``--ckpt-minutes`` and at each stage end; CPU by default, CUDA when available (``--device``).
+
+Threads: ``--threads 1`` is the default. On the shared 2-core machine two torch threads were 5-10x *slower*
+than one (each op waits for the slower thread when the other core is busy): measured 1.1-1.5k tok/s with one
+thread vs 150-300 tok/s with two, for the same step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("RAYON_NUM_THREADS", "2")
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "train"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from runtime.config import CSA, HCA, SLIDING, ModelConfig  # noqa: E402
+from runtime.model import Transformer  # noqa: E402
+from runtime.tokenizer import Tokenizer  # noqa: E402
+from retrieval_losses import CSAProbe, entry_targets  # noqa: E402
+import tasks  # noqa: E402
+
+CONFIG = {
+    "model_type": "deepseek_v4",
+    "architectures": ["DeepseekV4ForCausalLM"],
+    "vocab_size": 8192,
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 128,
+    "qk_rope_head_dim": 16,
+    "partial_rotary_factor": 0.125,
+    "q_lora_rank": 128,
+    "o_groups": 2,
+    "o_lora_rank": 64,
+    "layer_types": [SLIDING, SLIDING, HCA, CSA],
+    "compress_rates": {CSA: 4, HCA: 128},
+    "mlp_layer_types": ["hash_moe", "moe", "moe", "moe"],
+    "moe_intermediate_size": 128,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "scoring_func": "sqrtsoftplus",
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 1.5,
+    "swiglu_limit": 10.0,
+    "sliding_window": 128,
+    "index_n_heads": 4,
+    "index_head_dim": 64,
+    "index_topk": 64,
+    "hc_mult": 2,
+    "hc_sinkhorn_iters": 20,
+    "hc_eps": 1e-6,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "compress_rope_theta": 160000.0,
+    "max_position_embeddings": 2097152,
+    "num_nextn_predict_layers": 0,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 4,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
+}
+
+# (name, steps, seq_len, batch, dense_csa, lr_peak, options). Options: "sched" = (offset, length) places the
+# stage inside a longer warmup+cosine schedule (so a stage can change loss weights mid-schedule); any other
+# key overrides the command-line loss weight of that name for the stage.
+STAGES = [
+    ("dense-512", 900, 512, 4, True, 3e-3, {}),
+    ("sparse-1024", 150, 1024, 2, False, 1.5e-3, {}),
+    ("sparse-2048", 60, 2048, 1, False, 1e-3, {}),
+]
+SMOKE_STAGES = [("smoke-dense-384", 120, 384, 4, True, 2e-3, {}), ("smoke-sparse-512", 20, 512, 2, False, 1e-3, {})]
+MIX = (("niah", 0.45), ("kv", 0.4), ("continue", 0.15))
+RECAP_P = 0.6  # share of training examples with a copy drill (tasks.add_recap)
+TASK_OPTS: dict = {}  # extra make_example options (experiments: max_needles, value_fmt)
+PAD = 4
+
+
+# --------------------------------------------------------------------------------------------- model
+def build_model(seed: int) -> Transformer:
+    model = Transformer(ModelConfig.from_dict(CONFIG)).init_weights(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # mHC: zero fn *and* zero scale would never move; break the symmetry
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf.startswith("hc_") and leaf.endswith("_fn"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.005)
+            elif leaf.startswith("hc_") and leaf.endswith("_scale"):
+                p.fill_(1.0)
+            elif leaf.startswith("hc_") and leaf.endswith("_base") and p.numel() > model.config.hc_mult:
+                n = model.config.hc_mult  # comb part starts near identity (each stream keeps itself)
+                p[2 * n:].copy_(torch.eye(n).flatten() * 1.0)
+    if CONFIG["tie_word_embeddings"]:
+        model.head.weight = model.embed.weight
+    return model
+
+
+def export_state(model: Transformer) -> dict:
+    """State dict with the official names, every tensor its own storage (tied head cloned)."""
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
+
+
+@contextmanager
+def dense_csa(model: Transformer, on: bool):
+    """Run CSA layers dense over all compressed entries (indexer detached) while ``on``."""
+    saved = []
+    if on:
+        for blk in model.layers:
+            if blk.attn.indexer is not None:
+                saved.append((blk.attn, blk.attn.indexer))
+                blk.attn.indexer = None
+    try:
+        yield
+    finally:
+        for attn, ix in saved:
+            attn.indexer = ix
+
+
+class BiasBalancer:
+    """DeepSeek-V3/V4 auxiliary-loss-free balancing: nudge each score-routed gate's selection bias."""
+
+    def __init__(self, model, gamma: float = 1e-3):
+        self.gamma, self.counts, self.hooks = gamma, {}, []
+        for name, mod in model.named_modules():
+            if mod.__class__.__name__ == "Gate" and not mod.hashed:
+                self.hooks.append(mod.register_forward_hook(self._hook))
+                self.counts[mod] = torch.zeros(mod.weight.shape[0])
+
+    def _hook(self, mod, args, out):
+        self.counts[mod] += torch.bincount(out[1].flatten().cpu(), minlength=len(self.counts[mod])).float()
+
+    @torch.no_grad()
+    def update(self):
+        for mod, c in self.counts.items():
+            if c.sum() > 0:
+                mod.bias += self.gamma * torch.sign(c.mean() - c).to(mod.bias.device)
+            c.zero_()
+
+
+# --------------------------------------------------------------------------------------------- data
+def step_rng(seed: int, step: int, salt: int = 0) -> random.Random:
+    return random.Random(seed * 1_000_003 + step * 7919 + salt)
+
+
+def make_batch(step_seed: random.Random, pool, tok, T: int, B: int, lm_rate: float, variant: str = "train",
+               recap: bool = True):
+    """Token ids [B, T] plus loss bookkeeping for one batch of fresh examples."""
+    ids = torch.full((B, T), PAD, dtype=torch.long)
+    lm_pos, ans, meta = [], [], []
+    for b in range(B):
+        for attempt in range(20):
+            r = step_seed.random()
+            kind = next(k for k, c in _cum(MIX) if r < c)
+            ex = tasks.make_example(kind, step_seed, pool, T - 8 - 6 * attempt - (60 if recap else 0), variant,
+                                    **TASK_OPTS)
+            if recap and step_seed.random() < RECAP_P:
+                tasks.add_recap(ex, step_seed)
+            ex = tasks.render(ex, tok)
+            if len(ex.ids) <= T:
+                break
+        else:
+            raise RuntimeError("could not fit an example")
+        n = len(ex.ids)
+        ids[b, :n] = torch.tensor(ex.ids)
+        # answer bookkeeping: position t predicts ids[t+1]; sup targets for the CSA layer
+        a_pos, a_tgt, sup = [], [], []
+        ans_set = set()
+        for qa in ex.qas:
+            s, e = qa.answer_tokens  # answer tokens + EOS at ids[s:e]
+            vs, ve = qa.value_tokens
+            same = ex.ids[vs:ve] == ex.ids[s:e - 1]
+            for j, t in enumerate(range(s - 1, e - 1)):
+                a_pos.append(t)
+                a_tgt.append(ex.ids[t + 1])
+                ans_set.add(t)
+                if same:
+                    vp = [vs + min(j, ve - vs - 1)]
+                else:
+                    vp = list(range(vs, ve))
+                ents = sorted({w for p in vp for w in entry_targets(p, t, 4)})
+                if ents:
+                    sup.append((t, ents))
+        for a, b, c, d in ex.copy_tokens:  # recap copies: like answers, supervised toward the source entries
+            for j, t in enumerate(range(c - 1, d - 1)):
+                if t in ans_set or t < 0:
+                    continue
+                a_pos.append(t)
+                a_tgt.append(ex.ids[t + 1])
+                ans_set.add(t)
+                ents = entry_targets(a + j, t, 4)
+                if ents:
+                    sup.append((t, ents))
+        g = torch.Generator().manual_seed(step_seed.randrange(1 << 30))
+        cand = torch.arange(n - 1)
+        keep = torch.rand(n - 1, generator=g) < lm_rate
+        lp = [int(t) for t in cand[keep] if int(t) not in ans_set]
+        lm_pos.append(lp)
+        ans.append((a_pos, a_tgt, sup))
+        meta.append({"kind": ex.kind, "n": n, "nq": len(ex.qas)})
+    return ids, lm_pos, ans, meta
+
+
+def _cum(mix):
+    c, out = 0.0, []
+    for k, w in mix:
+        c += w
+        out.append((k, c))
+    out[-1] = (out[-1][0], 1.01)
+    return out
+
+
+def kl_positions(g: torch.Generator, n_valid: int, k: int, min_pos: int = 64) -> torch.Tensor:
+    if n_valid <= min_pos:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.randint(min_pos, n_valid, (k,), generator=g).unique()
+
+
+# --------------------------------------------------------------------------------------------- step
+def forward_losses(model, probe, ids, lm_pos, ans, args, kl_seed: int, device):
+    B, T = ids.shape
+    cache = model.new_cache(B)
+    h = model.hidden(ids.to(device), cache)  # [B, T, D]
+    rows, cols, tg, wts = [], [], [], []
+    n_lm = sum(len(p) for p in lm_pos)
+    n_ans = sum(len(a[0]) for a in ans)
+    for b in range(B):
+        for t in lm_pos[b]:
+            rows.append(b); cols.append(t); tg.append(int(ids[b, t + 1])); wts.append(1.0 / max(1, n_lm))
+        for t, y in zip(ans[b][0], ans[b][1]):
+            rows.append(b); cols.append(t); tg.append(y); wts.append(args.w_answer / max(1, n_ans))
+    rows, cols = torch.tensor(rows), torch.tensor(cols)
+    logits = model.head(h[rows.to(device), cols.to(device)]).float()
+    tg = torch.tensor(tg, device=device)
+    ce = F.cross_entropy(logits, tg, reduction="none")
+    wts = torch.tensor(wts, device=device)
+    is_ans = torch.zeros_like(wts, dtype=torch.bool)
+    is_ans[n_lm_split(lm_pos, ans)] = True
+    loss = (ce * wts).sum()
+    stats = {"lm": ce[~is_ans].mean().item() if (~is_ans).any() else float("nan"),
+             "ans": ce[is_ans].mean().item() if is_ans.any() else float("nan")}
+    with torch.no_grad():
+        pred = logits.argmax(-1)
+        stats["ans_tok_acc"] = (pred[is_ans] == tg[is_ans]).float().mean().item() if is_ans.any() else float("nan")
+    g = torch.Generator().manual_seed(kl_seed)
+    klp = [kl_positions(g, int((ids[b] != PAD).sum()) - 1, args.kl_queries) for b in range(B)]
+    aux = probe.losses(cache, [a[2] for a in ans], klp)
+    for name, w in (("csa_sup", args.w_csa), ("idx_sup", args.w_idx), ("idx_kl", args.w_kl)):
+        if aux[name] is not None:
+            loss = loss + w * aux[name]
+            stats[name] = aux[name].item()
+    for name in ("idx_hit", "csa_top1"):
+        if aux[name] is not None:
+            stats[name] = aux[name].item()
+    stats["loss"] = loss.item()
+    return loss, stats
+
+
+def n_lm_split(lm_pos, ans):
+    """Indices (in the row order of forward_losses) that are answer rows."""
+    idx, k = [], 0
+    for b in range(len(lm_pos)):
+        k += len(lm_pos[b])
+        idx.extend(range(k, k + len(ans[b][0])))
+        k += len(ans[b][0])
+    return torch.tensor(idx, dtype=torch.long)
+
+
+def lr_at(step_in_stage: int, steps: int, peak: float, warmup: int = 30) -> float:
+    if step_in_stage < warmup:
+        return peak * (step_in_stage + 1) / warmup
+    prog = (step_in_stage - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
+
+
+# --------------------------------------------------------------------------------------------- eval during training
+@torch.no_grad()
+def quick_eval(model, pool, tok, T: int, n: int, seed: int, dense: bool, device) -> dict:
+    """Held-out, teacher-forced: share of questions whose every answer token is the argmax, and indexer
+    recall of the value's entries in the real top-k (sparse forward) at the first answer query."""
+    model.eval()
+    rng = random.Random(seed)
+    exact, total, by_kind = 0, 0, {}
+    for i in range(n):
+        ids, lm_pos, ans, meta = make_batch(rng, pool, tok, T, 1, 0.0, variant="eval", recap=False)
+        with dense_csa(model, dense):
+            logits = model(ids.to(device))[0]
+        a_pos, a_tgt, _ = ans[0]
+        ex_ok = []
+        # split per question: contiguous runs of positions
+        runs, cur = [], []
+        for t, y in zip(a_pos, a_tgt):
+            if cur and t != cur[-1][0] + 1:
+                runs.append(cur); cur = []
+            cur.append((t, y))
+        if cur:
+            runs.append(cur)
+        for run in runs:
+            ok = all(int(logits[t].argmax()) == y for t, y in run)
+            exact += ok; total += 1
+            k = meta[0]["kind"]
+            by_kind.setdefault(k, [0, 0]); by_kind[k][0] += ok; by_kind[k][1] += 1
+    model.train()
+    out = {"tf_exact": exact / max(1, total), "n": total}
+    out.update({f"tf_{k}": v[0] / max(1, v[1]) for k, v in by_kind.items()})
+    return out
+
+
+# --------------------------------------------------------------------------------------------- main
+def save_ckpt(path: Path, model, opt, step: int, extra: dict):
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": export_state(model), "opt": opt.state_dict(), "step": step, "extra": extra}, tmp)
+    os.replace(tmp, path)
+
+
+def export(model, out_dir: Path):
+    from safetensors.torch import save_file
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(export_state(model), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
+    shutil.copyfile(REPO / "assets" / "tokenizer.json", out_dir / "tokenizer.json")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(REPO / "train" / "runs" / "ds4-tiny"))
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--smoke", action="store_true", help="tiny curriculum to check that learning starts")
+    ap.add_argument("--pool-bytes", type=int, default=16_000_000, help="train-split text for haystacks")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 is several times faster than 2 on the shared 2-core machine")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--lm-rate", type=float, default=0.1)
+    ap.add_argument("--w-answer", type=float, default=4.0)
+    ap.add_argument("--w-csa", type=float, default=5.0)
+    ap.add_argument("--w-idx", type=float, default=2.0)
+    ap.add_argument("--w-kl", type=float, default=0.5)
+    ap.add_argument("--kl-queries", type=int, default=48)
+    ap.add_argument("--ckpt-minutes", type=float, default=10.0)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-n", type=int, default=16)
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this global step (for staged runs)")
+    ap.add_argument("--export", default=None, help="write config/safetensors/tokenizer of the checkpoint here and exit")
+    ap.add_argument("--experiment", default=None, help="JSON overrides for experiments: "
+                    '{"mix": [["niah", 1.0]], "task": {"max_needles": 1}, "stages": [[name, steps, T, B, dense, lr, {}]]}')
+    args = ap.parse_args(argv)
+    global MIX, TASK_OPTS
+    stages_override = None
+    if args.experiment:
+        exp = json.loads(args.experiment)
+        MIX = tuple(tuple(x) for x in exp.get("mix", MIX))
+        TASK_OPTS = exp.get("task", {})
+        stages_override = [tuple(x) for x in exp["stages"]] if "stages" in exp else None
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    device = torch.device(args.device)
+    stages = stages_override or (SMOKE_STAGES if args.smoke else STAGES)
+
+    torch.manual_seed(args.seed)
+    model = build_model(args.seed).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01, eps=1e-8)
+    step = 0
+    if ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        missing = model.load_state_dict(ck["model"], strict=True)
+        if CONFIG["tie_word_embeddings"]:
+            model.head.weight = model.embed.weight
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        print(f"resumed from {ckpt_path} at step {step}", flush=True)
+    if args.export:
+        export(model, Path(args.export))
+        print(f"exported step {step} to {args.export}")
+        return 0
+
+    tok = Tokenizer.default()
+    t0 = time.time()
+    pool = tasks.TokenPool.corpus("train", args.pool_bytes, tok, cache_dir=REPO / "train" / "runs")
+    heldout = tasks.TokenPool.corpus("heldout", 3_000_000, tok, cache_dir=REPO / "train" / "runs")
+    print(f"pools: train {len(pool)} tokens, heldout {len(heldout)} tokens ({time.time() - t0:.0f}s)", flush=True)
+    csa_layer = next(i for i, t in enumerate(model.config.layer_types) if t == CSA)
+    probe = CSAProbe(model, csa_layer)
+    balancer = BiasBalancer(model)
+    log = open(out / "log.jsonl", "a")
+    model.train()
+    total_steps = sum(s[1] for s in stages)
+    last_ckpt = time.time()
+    begin = 0
+    base_args = vars(args).copy()
+    for si, (name, steps, T, B, dense, lr_peak, opts) in enumerate(stages):
+        end = begin + steps
+        sched_off, sched_len = opts.get("sched", (0, steps))
+        for k, v in base_args.items():  # per-stage loss-weight overrides
+            setattr(args, k, opts.get(k, v))
+        while step < end:
+            if args.max_steps is not None and step >= args.max_steps:
+                save_ckpt(ckpt_path, model, opt, step, {"stage": name})
+                print(f"stopped at step {step} (--max-steps)", flush=True)
+                return 0
+            ts = time.time()
+            lr = lr_at(step - begin + sched_off, sched_len, lr_peak)
+            for gparam in opt.param_groups:
+                gparam["lr"] = lr
+            rng = step_rng(args.seed, step)
+            ids, lm_pos, ans, meta = make_batch(rng, pool, tok, T, B, args.lm_rate)
+            with dense_csa(model, dense):
+                loss, st = forward_losses(model, probe, ids, lm_pos, ans, args, rng.randrange(1 << 30), device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+            opt.step()
+            balancer.update()
+            step += 1
+            dt = time.time() - ts
+            rec = {"step": step, "stage": name, "T": T, "B": B, "lr": lr, "gnorm": gn, "sec": dt,
+                   "tok_s": B * T / dt, "kinds": [m["kind"] for m in meta], **{k: round(v, 4) for k, v in st.items()}}
+            log.write(json.dumps(rec) + "\n"); log.flush()
+            if step % 5 == 0 or step == 1:
+                print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
+                               if k not in ("kinds",)), flush=True)
+            if args.eval_every and (step % args.eval_every == 0 or step == end):
+                ev = quick_eval(model, heldout, tok, T, args.eval_n, 99, dense, device)
+                ev.update(step=step, stage=name, eval=True)
+                log.write(json.dumps(ev) + "\n"); log.flush()
+                print("EVAL", json.dumps(ev), flush=True)
+            if time.time() - last_ckpt > args.ckpt_minutes * 60 or step == end:
+                save_ckpt(ckpt_path, model, opt, step, {"stage": name})
+                last_ckpt = time.time()
+        begin = end
+    save_ckpt(ckpt_path, model, opt, step, {"stage": "done"})
+    print(f"done: {step}/{total_steps} steps", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
