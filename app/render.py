@@ -58,6 +58,17 @@ def starting(n_files: int) -> str:
                   ["Tokenizing; the prefill starts next (queued jobs wait for their turn)."])
 
 
+def limits(max_file_bytes: int, max_files: int, context: tuple[int, str, int] | None, max_sessions: int) -> str:
+    """The server's limits, always on the page. `context`: (tokens per session, why, kept for the chat)."""
+    parts = [f"{format_bytes(max_file_bytes)} per file", f"{max_files:,} files per upload (archive members count)"]
+    if context is not None:
+        tokens, why, reserve = context
+        parts.append(f"{tokens:,} tokens per session ({why}; {reserve:,} of them kept for the chat)")
+    parts.append(f"{max_sessions:,} session{'s' if max_sessions != 1 else ''} kept in memory (beyond that the "
+                 "least recently used idle one is saved to disk and reloads when its user returns)")
+    return f'<div class="ll-muted ll-limits"><b>Limits</b>: {escape(" · ".join(parts))}</div>'
+
+
 # ------------------------------------------------------------------------------------ corpus
 def corpus_summary(n_docs: int, corpus_tokens: int, n_tokens: int, limit: int, why: str) -> str:
     if not n_docs:

@@ -10,12 +10,18 @@ the least recently used idle one is spilled: its session is saved as a snapshot 
 reloads it transparently (`Workspace.unspill`). A workspace busy with a job is never spilled.
 `release` (on `demo.unload`, when the browser leaves) drops the workspace and its spill folder.
 
+`SessionFiles` is where the users' files live meanwhile, all under the process's folder (removed
+at the next start if the process died): each session's uploads, moved out of gradio's served
+upload folder as soon as they are read, and the snapshots of the corpora sessions prefilled; both
+go when the session ends (a snapshot once no live session holds it).
+
 The registry only needs this from a workspace (see app/workspace.py):
     resident: bool, busy: str, last_used: float, spill(folder), unspill(), close()
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
@@ -40,6 +46,23 @@ def process_spill_dir(root: str | Path) -> Path:
     return root / str(os.getpid())
 
 
+def give_back_memory() -> None:
+    """Return the heap's free pages to the OS (glibc `malloc_trim`; elsewhere nothing). launch.py tells
+    glibc never to trim on its own (prefill temporaries would be page-faulted again on every chunk), so
+    without this a session's memory stays with the process after the session is gone."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
@@ -48,6 +71,51 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def key_digest(key: str) -> str:
+    """A folder name for a session key (client-chosen: never used as a path itself)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+class SessionFiles:
+    """The users' files of one process, under `root` (its `process_spill_dir`):
+        uploads/<digest of key>/   a session's uploads, moved here once read (gradio serves its own
+                                   upload folder to anyone holding a file's URL; nothing serves this);
+        corpora/                   snapshots of the corpora sessions prefilled. Content-addressed, so
+                                   the same files from another live session reuse a prefill; removed
+                                   when the last session holding one ends, and never listed to others.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.corpora = self.root / "corpora"
+        self._holders: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def uploads(self, key: str) -> Path:
+        return self.root / "uploads" / key_digest(key)
+
+    def hold(self, key: str, snapshot: str | Path) -> None:
+        """Session `key` uses `snapshot` (ignored unless it is one of ours: the library is not)."""
+        path = Path(snapshot)
+        if path.parent != self.corpora:
+            return
+        with self._lock:
+            self._holders.setdefault(str(path), set()).add(key)
+
+    def drop(self, key: str) -> None:
+        """Session `key` ended: remove its uploads and the snapshots no other live session holds."""
+        gone = []
+        with self._lock:
+            for path, keys in list(self._holders.items()):
+                keys.discard(key)
+                if not keys:
+                    del self._holders[path]
+                    gone.append(path)
+        for path in gone:
+            shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(self.uploads(key), ignore_errors=True)
 
 
 class Busy(RuntimeError):
@@ -65,7 +133,7 @@ class Registry(Generic[W]):
     # ------------------------------------------------------------------------------------ lookup
     def spill_folder(self, key: str) -> Path:
         """Where `key`'s workspace is saved when evicted (the key itself is client-chosen: hashed)."""
-        return self.spill_dir / hashlib.sha256(key.encode()).hexdigest()[:24]
+        return self.spill_dir / key_digest(key)
 
     def peek(self, key: str) -> W:
         """The workspace of `key` (created empty if new) without making it resident: for views."""
@@ -113,6 +181,8 @@ class Registry(Generic[W]):
             del self._table[key]
         ws.close()
         shutil.rmtree(self.spill_folder(key), ignore_errors=True)
+        del ws
+        give_back_memory()
 
     # ------------------------------------------------------------------------------------ eviction
     def _evict(self, keep: str | None) -> None:
@@ -153,4 +223,4 @@ class Registry(Generic[W]):
             shutil.rmtree(self.spill_folder(key), ignore_errors=True)
 
 
-__all__ = ["Busy", "Registry", "SAVING", "process_spill_dir"]
+__all__ = ["Busy", "Registry", "SAVING", "SessionFiles", "give_back_memory", "key_digest", "process_spill_dir"]

@@ -28,7 +28,7 @@ from runtime import EngineError, GenerationParams, list_snapshots
 
 from . import figures as F
 from . import render as R
-from .sessions import Busy, Registry, process_spill_dir
+from .sessions import Busy, Registry, SessionFiles, process_spill_dir
 from .workspace import HEAT_COLUMNS, InputError, Workspace
 
 APP_DIR = Path(__file__).resolve().parent
@@ -105,8 +105,9 @@ def ledger_figure(nbytes: dict, dense: int):
 # ------------------------------------------------------------------------------------ the page
 def build_demo(settings):
     engine, problem = load_engine(settings)
-    registry = Registry(lambda key: Workspace(key, engine, settings), settings.max_sessions,
-                        process_spill_dir(Path(settings.snapshot_dir) / ".sessions"))
+    private = process_spill_dir(Path(settings.snapshot_dir) / ".sessions")  # this process's; never served
+    files_of = SessionFiles(private)  # users' uploads and session snapshots, removed when the session ends
+    registry = Registry(lambda key: Workspace(key, engine, settings, files_of), settings.max_sessions, private)
     library = {str(s.path) for s in list_snapshots(settings.snapshot_dir) if s.complete}  # present at start
     model_line, model_note = describe_model(engine, settings)
     model_job = dict(concurrency_id="model", concurrency_limit=settings.concurrency)  # one queue for the model
@@ -118,7 +119,8 @@ def build_demo(settings):
     # ---------------------------------------------------------------- views (plain data -> outputs)
     def snapshot_choices(ws) -> list[tuple[str, str]]:
         allowed = library | set(ws.own_snapshots)
-        return [(R.snapshot_label(s), str(s.path)) for s in list_snapshots(settings.snapshot_dir)
+        found = list_snapshots(settings.snapshot_dir) + list_snapshots(files_of.corpora)
+        return [(R.snapshot_label(s), str(s.path)) for s in sorted(found, key=lambda s: s.created, reverse=True)
                 if s.complete and str(s.path) in allowed]
 
     def corpus_view(ws) -> tuple:
@@ -220,7 +222,9 @@ def build_demo(settings):
                            "InputError": ("These files cannot be used", "error"),
                            "Cancelled": ("Prefill stopped", "warn"),
                            "Busy": ("Busy", "warn")}.get(type(err).__name__, ("Loading failed", "error"))
-            yield {status: R.status(kind, title, [str(err), kept])}
+            # the views too: a prefill that failed midway leaves no corpus, and the page must not show one
+            yield {status: R.status(kind, title, [str(err), kept]),
+                   **dict(zip(CORPUS_VIEWS, corpus_view(ws))), **dict(zip(CHAT_VIEWS, chat_view(ws)))}
             return
         report = result["report"]
         details = [f"{report.documents} document(s), {report.tokens:,} tokens in context"]
@@ -251,7 +255,10 @@ def build_demo(settings):
                                     ["The loaded corpus stays; drop files to replace it."])}
             return
         uploads = [(str(f), upload_name(str(f))) for f in files]
-        yield from run_load(request, lambda ws, cb: ws.load_corpus(uploads, cb), len(uploads), "Loading the corpus")
+        # users' files: prefill snapshots stay private to live sessions; the uploads leave gradio's served folder
+        job = lambda ws, cb: ws.load_corpus(uploads, cb, snapshot_dir=files_of.corpora,  # noqa: E731
+                                            take_from=gr.utils.get_upload_folder())
+        yield from run_load(request, job, len(uploads), "Loading the corpus")
 
     def load_sample(request: gr.Request):
         paths = sorted(p for p in EXAMPLES.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -292,8 +299,9 @@ def build_demo(settings):
         except (EngineError, InputError) as e:
             gr.Warning(str(e).replace("call reset_chat()", "press Clear chat").replace("(reset_chat)", "(Clear chat)"))
             yield (*chat_view(registry.peek(k)), gr.update())
-        except Exception as e:  # shown in the page; the session stays (Clear chat resets a broken one)
-            raise gr.Error(f"{type(e).__name__}: {e}") from e
+        except Exception as e:  # shown to this user only; the corpus stays (Clear chat resets a broken chat)
+            raise gr.Error(f"The model failed ({type(e).__name__}: {e}). Your corpus is still loaded: "
+                           "press Clear chat to continue.") from e
 
     def ask(question, max_new_tokens, temperature, seed, request: gr.Request):
         if not (question or "").strip():
@@ -339,12 +347,15 @@ def build_demo(settings):
         return open_source(getattr(evt, "ll_target", ""), request)
 
     def release(request: gr.Request):
+        if demo.auth and not getattr(request, "username", None):
+            return  # gradio's /heartbeat route skips the login check: a stranger must not end a session
         k = key(request)
         registry.peek(k).stop_event.set()
         registry.release(k)
 
     # ---------------------------------------------------------------- layout
     upload_note = f"≤ {F.format_bytes(settings.max_file_bytes)} each"
+    context = (*engine.context_limit(), engine.reserve_tokens()) if engine else None
     with gr.Blocks(title="Longlens", delete_cache=(3600, 3 * 3600)) as demo:
         gr.HTML(R.header(model_line, model_note, problem or ""), elem_id="ll-header")
         with gr.Row(equal_height=False, elem_id="ll-top"):
@@ -361,6 +372,8 @@ def build_demo(settings):
                     f"Up to {F.format_bytes(settings.max_file_bytes)} per file and {settings.max_files:,} files."])
                                  if engine else R.status("error", "No model is loaded", [problem or ""]),
                                  elem_id="ll-status")
+                gr.HTML(R.limits(settings.max_file_bytes, settings.max_files, context, settings.max_sessions),
+                        elem_id="ll-limits")
                 summary = gr.HTML(R.corpus_summary(0, 0, 0, 0, ""), elem_id="ll-summary")
                 docs = gr.HTML("", elem_id="ll-docs")
                 ledger = gr.Plot(ledger_figure({}, 0), show_label=False, elem_id="ll-ledger")
@@ -445,12 +458,16 @@ def build_demo(settings):
         open_btn.click(open_source, target, viewer, api_name="open_source")
         demo.unload(release)
 
-    demo.longlens = SimpleNamespace(registry=registry, engine=engine, settings=settings)  # for tests and tools
+    demo.longlens = SimpleNamespace(registry=registry, engine=engine, settings=settings, files=files_of)  # for tests
     css = (ASSETS / "style.css").read_text() if (ASSETS / "style.css").is_file() else ""
     theme = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate",  # system fonts: the page works offline
                            font=["system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"],
                            font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"])
-    return demo, dict(theme=theme, css=css)
+    # gradio keeps every session's copy of the page state (~0.3 MiB here), closed or not, up to
+    # state_session_capacity sessions (10,000 by default: GBs on a public demo). Nothing here needs it
+    # back (no gr.State; the dropdowns take custom values), so keep far fewer.
+    capacity = max(64, 8 * settings.max_sessions)
+    return demo, dict(theme=theme, css=css, state_session_capacity=capacity)
 
 
 # Scroll the source viewer to its opened span whenever it changes.

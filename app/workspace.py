@@ -13,6 +13,7 @@ read plain data and may run at any time.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -95,8 +96,11 @@ def _rename(text: str, paths: list[str], names: list[str]) -> str:
 
 
 class Workspace:
-    def __init__(self, key: str, engine, settings):
+    def __init__(self, key: str, engine, settings, files=None):
         self.key, self.engine, self.settings = key, engine, settings
+        self.files = files  # app.sessions.SessionFiles: private uploads, session snapshots (None: neither)
+        self.moved: dict[str, str] = {}  # upload path -> where it was moved once read
+        self._taken = 0
         self.session = None  # runtime Session while resident
         self.spilled: Path | None = None  # snapshot holding the session while evicted
         self.busy = ""  # what runs now ("" idle); set by the registry
@@ -156,26 +160,79 @@ class Workspace:
         self.stop_event.set()
         self.session = None
         self._lines.clear()
+        if self.files is not None:  # the session ended: its uploads and its own snapshots go
+            self.files.drop(self.key)
+        self.moved.clear()
 
     # ------------------------------------------------------------------------------------ corpus
-    def load_corpus(self, uploads: Sequence[tuple[str, str]], progress: Callable | None = None):
+    def load_corpus(self, uploads: Sequence[tuple[str, str]], progress: Callable | None = None,
+                    snapshot_dir: str | Path | None = None, take_from: str | Path | None = None):
         """Ingest and prefill (or reuse a snapshot of) the uploaded files; returns the LoadReport.
-        Raises InputError / EngineError (ContextTooLarge, stopped) with the session as it was,
-        except after a stopped prefill, which leaves it empty."""
-        corpus = build_corpus(uploads, self.settings.max_file_bytes, self.settings.max_files)
+        Raises InputError / EngineError (ContextTooLarge, ...) with the session as it was, except
+        when the prefill had begun (stopped, or a failure such as out of memory): the session is then
+        left empty rather than holding part of the new corpus.
+
+        `snapshot_dir`: where the prefill is saved and looked up (default: settings.snapshot_dir).
+        `take_from`: gradio's upload folder: files under it are moved into this session's private
+        folder once read (also when unusable), and found there when the same upload comes again."""
+        given = [str(p) for p, _ in uploads]
+        resolved = [(p if os.path.exists(p) else self.moved.get(p, p), n) for p, (_, n) in zip(given, uploads)]
+        try:
+            corpus = build_corpus(resolved, self.settings.max_file_bytes, self.settings.max_files)
+        finally:
+            if take_from is not None:
+                self._take(given, take_from)
         self.stop_event.clear()
         try:
-            report = self.session.load_corpus(corpus, progress=progress, snapshot_dir=self.settings.snapshot_dir,
-                                              stop=self.stop_event)
-        except EngineError:
-            if self.session.n_tokens == 0:  # a stopped prefill empties the session
+            report = self.session.load_corpus(corpus, progress=progress, stop=self.stop_event,
+                                              snapshot_dir=snapshot_dir or self.settings.snapshot_dir)
+        except Exception:
+            if self.session.layout is not self.layout:  # the prefill had begun: the session holds a part at most
+                self.session = self.engine.new_session()
                 self._forget_corpus()
             raise
         self._adopt(report)
         return report
 
+    def _take(self, paths: Sequence[str], root: str | Path) -> None:
+        """Move the files under `root` among `paths` out of it, into this session's private folder
+        (or delete them when there is none): gradio serves its upload folder to anyone holding a
+        file's URL, and the files were read already."""
+        root = Path(root).resolve()
+        for p in paths:
+            src = Path(p)
+            try:
+                if not src.is_file() or src.is_symlink() or not src.resolve().is_relative_to(root):
+                    continue
+                if self.files is None:
+                    src.unlink()
+                else:
+                    self._taken += 1
+                    dest = self.files.uploads(self.key) / str(self._taken) / src.name
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(src, dest)
+                    old = self.moved.get(p)
+                    self.moved[p] = str(dest)
+                    if old and old != str(dest):
+                        shutil.rmtree(Path(old).parent, ignore_errors=True)
+            except OSError:
+                try:
+                    src.unlink()  # never leave it served
+                except OSError:
+                    pass
+            try:
+                src.parent.rmdir()  # gradio's per-upload folder, now empty
+            except OSError:
+                pass
+
     def load_snapshot(self, path: str):
-        report = self.session.load_snapshot(path)
+        try:
+            report = self.session.load_snapshot(path)
+        except Exception:
+            if self.session.layout is not self.layout:
+                self.session = self.engine.new_session()
+                self._forget_corpus()
+            raise
         self._adopt(report)
         self.turns = [TurnView(t.question, t.answer, t.stop_reason) for t in self.session.history]
         return report
@@ -184,8 +241,11 @@ class Workspace:
         s = self.session
         self.report, self.layout, self.offset, self.docs = report, s.layout, s.offset, s.docs()
         self.turns, self.focus, self._lines = [], None, {}
-        if report.snapshot is not None and str(report.snapshot) not in self.own_snapshots:
-            self.own_snapshots.append(str(report.snapshot))
+        if report.snapshot is not None:
+            if str(report.snapshot) not in self.own_snapshots:
+                self.own_snapshots.append(str(report.snapshot))
+            if self.files is not None:
+                self.files.hold(self.key, report.snapshot)
         self.refresh_memory()
 
     def _forget_corpus(self) -> None:
@@ -220,9 +280,14 @@ class Workspace:
                     turn.sources = list(item.provenance.sources) if item.provenance is not None else []
                 yield turn
         except EngineError as e:
-            turn.note = str(e)
+            turn.note = str(e).replace("call reset_chat()", "press Clear chat")
             turn.stop_reason = turn.stop_reason or "error"
             yield turn
+        except Exception as e:  # the model failed (e.g. out of memory): say so under the turn, then raise
+            turn.note = f"The model failed ({type(e).__name__}: {e}); press Clear chat to go on with your corpus."
+            turn.stop_reason = "error"
+            yield turn
+            raise
         finally:
             for older in self.turns[:-1]:
                 older.provenance = None  # only the last answer is inspected; keep memory flat

@@ -81,7 +81,21 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        d = dict(d)
+        """Parse and validate; anything malformed (a missing nested key, a value of the wrong type)
+        raises ConfigError too, never a bare KeyError / TypeError."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"config.json: expected a JSON object, got {type(d).__name__}")
+        try:
+            return cls._from_dict(dict(d))
+        except ConfigError:
+            raise
+        except KeyError as e:
+            raise ConfigError(f"{e.args[0]}: missing from config.json (required here)") from None
+        except (TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise ConfigError(f"config.json: malformed value ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> "ModelConfig":
         mt = d.get("model_type", "deepseek_v4")
         if mt != "deepseek_v4":
             raise ConfigError(f"model_type: expected 'deepseek_v4', got {mt!r} (this runtime only runs DeepSeek-V4)")
@@ -90,24 +104,40 @@ class ModelConfig:
                     "num_experts_per_tok"):
             if d.get(key) is None:
                 raise ConfigError(f"{key}: missing from config.json (required)")
+            if not isinstance(d[key], int) or isinstance(d[key], bool) or d[key] < 1:
+                raise ConfigError(f"{key}: expected a positive integer, got {d[key]!r}")
         n = d["num_hidden_layers"]
         rates = dict(d.get("compress_rates") or {CSA: 4, HCA: 128})
-        if "compress_rate_csa" in d:
-            rates[CSA] = d["compress_rate_csa"]
-        if "compress_rate_hca" in d:
-            rates[HCA] = d["compress_rate_hca"]
+        for key, t in (("compress_rate_csa", CSA), ("compress_rate_hca", HCA)):
+            if key in d:
+                if "compress_rates" in d and t in rates and rates[t] != d[key]:
+                    raise ConfigError(f"{key} / compress_rates: contradictory ({key}={d[key]!r} but "
+                                      f"compress_rates.{t}={rates[t]!r})")
+                rates[t] = d[key]
 
         # Attention schedule: transformers' layer_types, else official compress_ratios (L + MTP entries).
-        if d.get("layer_types") is not None:
-            layer_types = list(d["layer_types"])
-        elif d.get("compress_ratios") is not None:
+        from_ratios = None
+        if d.get("compress_ratios") is not None:
             ratios = list(d["compress_ratios"])
             if len(ratios) < n:
                 raise ConfigError(f"compress_ratios: {len(ratios)} entries for {n} layers")
             bad = [r for r in ratios[:n] if r not in _RATIO_TO_TYPE]
             if bad:
                 raise ConfigError(f"compress_ratios: unsupported ratio(s) {bad}; DeepSeek-V4 uses 0, 4 and 128")
-            layer_types = [_RATIO_TO_TYPE[r] for r in ratios[:n]]
+            from_ratios = [_RATIO_TO_TYPE[r] for r in ratios[:n]]
+            for t, r in ((CSA, 4), (HCA, 128)):  # the ratios name the rates: compress_rates may not say otherwise
+                if t in from_ratios and rates.get(t, r) != r:
+                    raise ConfigError(f"compress_ratios / compress_rates: contradictory (compress_ratios uses {r} "
+                                      f"for {t}, compress_rates.{t} is {rates[t]!r})")
+        if d.get("layer_types") is not None:
+            layer_types = list(d["layer_types"])
+            if from_ratios is not None and layer_types[:n] != from_ratios:
+                i = next(i for i, (a, b) in enumerate(zip(layer_types + [None] * n, from_ratios)) if a != b)
+                raise ConfigError(f"layer_types / compress_ratios: contradictory (layer {i} is "
+                                  f"{layer_types[i] if i < len(layer_types) else 'missing'!r} in layer_types but "
+                                  f"{from_ratios[i]!r} by compress_ratios)")
+        elif from_ratios is not None:
+            layer_types = from_ratios
         else:
             raise ConfigError("layer_types / compress_ratios: the config has neither; the layer schedule must "
                               "come from the checkpoint")
@@ -115,6 +145,10 @@ class ModelConfig:
 
         if d.get("mlp_layer_types") is not None:
             mlp_types = list(d["mlp_layer_types"])[:n]
+            n_hash = d.get("num_hash_layers")
+            if n_hash is not None and mlp_types != ["hash_moe"] * min(n, n_hash) + ["moe"] * max(0, n - n_hash):
+                raise ConfigError(f"mlp_layer_types / num_hash_layers: contradictory (num_hash_layers={n_hash!r} "
+                                  f"but mlp_layer_types has {mlp_types.count('hash_moe')} hash_moe layer(s))")
         else:
             n_hash = d.get("num_hash_layers", 3)
             mlp_types = ["hash_moe"] * min(n, n_hash) + ["moe"] * max(0, n - n_hash)
@@ -138,6 +172,10 @@ class ModelConfig:
             rope_theta = rp.get("rope_theta", rope_theta)
         if d.get("qk_rope_head_dim") is not None:
             rope_dim = d["qk_rope_head_dim"]
+            if prf is not None and d["head_dim"] * prf != rope_dim:
+                raise ConfigError(f"qk_rope_head_dim / partial_rotary_factor: contradictory (qk_rope_head_dim="
+                                  f"{rope_dim!r} but head_dim {d['head_dim']} x partial_rotary_factor {prf!r} = "
+                                  f"{d['head_dim'] * prf:g})")
         elif prf is not None:
             rope_dim = int(d["head_dim"] * prf)
         else:

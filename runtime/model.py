@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .attention import Attention
 from .cache import Cache
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .layers import RMSNorm, hc_collapse, hc_expand, hc_weights, rope_inv_freq, unweighted_rms_norm
 from .moe import MoE
 
@@ -148,7 +148,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     """A model from a folder holding config.json and safetensors weights (any supported spelling)."""
     from .checkpoint import KEEP_FP32, load_state_dict, read_config
 
-    cfg = ModelConfig.from_dict(read_config(path))
+    try:
+        cfg = ModelConfig.from_dict(read_config(path))
+    except ConfigError as e:  # name the file: the message alone only names the key
+        raise ConfigError(f"{Path(path) / 'config.json'}: {str(e).removeprefix('config.json: ')}") from None
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {}

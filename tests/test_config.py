@@ -75,6 +75,17 @@ def test_pro_schedule_from_layer_types():
     ({"hidden_size": None}, "hidden_size"),
     ({"num_experts_per_tok": 300}, "num_experts_per_tok"),
     ({"layer_types": [SLIDING] * 42 + ["global"]}, "layer_types"),
+    # keys that contradict each other: refused, naming both, rather than one silently winning
+    ({"layer_types": [SLIDING] * 43}, "layer_types / compress_ratios: contradictory"),
+    ({"compress_rates": {CSA: 8, HCA: 128}}, "compress_ratios / compress_rates: contradictory"),
+    ({"compress_rates": {CSA: 4, HCA: 128}, "compress_rate_hca": 64}, "compress_rate_hca / compress_rates"),
+    ({"mlp_layer_types": ["moe"] * 43}, "mlp_layer_types / num_hash_layers: contradictory"),
+    ({"partial_rotary_factor": 0.25}, "qk_rope_head_dim / partial_rotary_factor: contradictory"),
+    # malformed: a missing nested key or a value of the wrong type is a ConfigError too, not a crash
+    ({"rope_scaling": {"type": "yarn"}}, "factor: missing"),
+    ({"num_hidden_layers": "43"}, "num_hidden_layers: expected a positive integer"),
+    ({"hidden_size": -1}, "hidden_size: expected a positive integer"),
+    ({"compress_ratios": 4}, "config.json: malformed value"),
 ])
 def test_errors_name_the_key(change, key):
     d = dict(FLASH_OFFICIAL, **change)
@@ -83,3 +94,13 @@ def test_errors_name_the_key(change, key):
     with pytest.raises(ConfigError) as e:
         ModelConfig.from_dict(d)
     assert str(e.value).startswith(key)
+
+
+def test_agreeing_duplicates_are_fine():
+    """Both spellings of the same fact, agreeing (what transformers writes next to the official keys)."""
+    d = dict(FLASH_OFFICIAL, layer_types=ModelConfig.from_dict(FLASH_OFFICIAL).layer_types,
+             partial_rotary_factor=0.125, compress_rates={CSA: 4, HCA: 128}, compress_rate_csa=4,
+             mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 40)
+    assert ModelConfig.from_dict(d) == ModelConfig.from_dict(FLASH_OFFICIAL)
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        ModelConfig.from_dict([FLASH_OFFICIAL])

@@ -1,0 +1,288 @@
+"""Load (issue 7, item 4): 8 concurrent gradio_client sessions against a real `python launch.py` on loopback,
+each uploading its own corpus and asking several questions, within a bounded time. Every request completes
+(queued behind the one model slot, its position reported to the client), no answer cites another session's
+documents, and after the clients leave their sessions are released (gradio's unload, fired when a client's
+heartbeat drops) and the server's memory returns to its baseline. The numbers go to bench/results/load.json
+(see BENCHMARKS.md, "Load test").
+
+    OMP_NUM_THREADS=1 python -m pytest tests/test_load.py -q
+    LONGLENS_LOAD_WAVES=6 OMP_NUM_THREADS=1 python -m pytest tests/test_load.py -q -k eight   # + 5 more waves
+"""
+
+import json
+import os
+import platform
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from live_server import REPO, Server
+from test_app import text_of, write_files
+from test_engine import tiny_model_dir
+
+CLIENTS = 8
+QUESTIONS = 4
+BUDGET_S = 90  # the whole wave: uploads, prefills, answers
+RESULT = REPO / "bench" / "results" / "load.json"
+ASKED = ["What does the log say about {w}?", "Which line mentions the {w} gauge?", "Summarise the {w} notes.",
+         "Where is {w} configured?", "What is the {w} threshold?", "Who wrote the {w} entry?"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory)
+
+
+def corpus_for(folder: Path, i: int) -> list[Path]:
+    w = f"s{i}word"
+    return write_files(folder, {
+        f"s{i}_log.txt": "".join(f"{w} log {k}: the {w} gauge read {17 * k + i} at dawn\n" for k in range(40)),
+        f"s{i}_notes.md": f"# {w} notes\n\n" + "".join(f"- {w} item {k}: threshold {k * i}\n" for k in range(30)),
+    })
+
+
+class Tally:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.completed = self.errors = self.foreign = 0
+        self.problems: list[str] = []
+        self.ranks: list[int] = []  # per request reported queued: the furthest back it was
+        self.latencies: list[float] = []
+
+    def ok(self, seconds: float) -> None:
+        with self.lock:
+            self.completed += 1
+            self.latencies.append(seconds)
+
+    def fail(self, what: str) -> None:
+        with self.lock:
+            self.errors += 1
+            self.problems.append(what[:300])
+
+
+def run(job, tally: Tally, what: str, deadline: float):
+    """Wait for a gradio_client job, noting the queue positions it reports; its result or None."""
+    from gradio_client.utils import Status
+
+    t0, rank = time.time(), None
+    try:
+        while not job.done():
+            st = job.status()
+            if st.code == Status.IN_QUEUE and st.rank is not None:
+                rank = max(rank or 0, st.rank)
+            if time.time() > deadline:
+                raise TimeoutError(f"{what}: not done within the budget")
+            time.sleep(0.05)
+        out = job.result(timeout=5)
+    except Exception as e:  # noqa: BLE001 -- every failure is counted and reported
+        tally.fail(f"{what}: {type(e).__name__}: {e}")
+        return None
+    finally:
+        if rank is not None:
+            with tally.lock:
+                tally.ranks.append(rank)
+    tally.ok(time.time() - t0)
+    return out
+
+
+def session(url: str, i: int, folder: Path, tally: Tally, deadline: float, questions: int = QUESTIONS,
+            peers: range = range(CLIENTS)) -> None:
+    from gradio_client import Client, handle_file
+
+    try:
+        c = Client(url, verbose=False)
+    except Exception as e:  # noqa: BLE001
+        tally.fail(f"client {i}: connect: {e}")
+        return
+    try:
+        mine = corpus_for(folder, i)
+        out = run(c.submit([handle_file(str(p)) for p in mine], api_name="/load_files"), tally, f"{i} load", deadline)
+        if out is None:
+            return
+        if "Corpus ready" not in out[0]:
+            tally.fail(f"client {i}: load: {re.sub('<[^>]+>', ' ', out[0])}")
+            return
+        for q in range(questions):
+            question = ASKED[(i + q) % len(ASKED)].format(w=f"s{i}word")
+            out = run(c.submit(question, 4, 0.0, -1, api_name="/ask"), tally, f"{i} ask {q}", deadline)
+            if out is None:
+                return
+            chat, chips, _ = out
+            cited = chips + "".join(re.findall(r'll-msg-sources">(.*?)</div>', "".join(text_of(m) for m in chat)))
+            others = {f"s{j}_" for j in peers if j != i} & set(re.findall(r"s\d+_", cited))
+            if len(chat) != 2 * (q + 1) or f"s{i}_" not in chips or others:
+                with tally.lock:
+                    tally.foreign += bool(others)
+                tally.fail(f"client {i} ask {q}: {len(chat)} messages, chips {chips[:200]!r}")
+    finally:
+        c.close()  # the heartbeat drops: gradio fires unload, the app releases the session
+
+
+def wave(url: str, folder: Path, tally: Tally, deadline: float, first: int = 0) -> None:
+    """CLIENTS sessions at once (numbered first, first + 1, ...), each in its own thread, within the deadline."""
+    threads = [threading.Thread(target=session, args=(url, first + i, folder / f"c{i}", tally, deadline, QUESTIONS,
+                                                      range(first, first + CLIENTS)))
+               for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max(1.0, deadline + 10 - time.time()))
+    assert not any(t.is_alive() for t in threads), "sessions still running past the budget"
+
+
+def session_folders(s: Server) -> list[str]:
+    """What the server keeps for live sessions: uploads, spilled sessions, session snapshots."""
+    root = s.private_dir
+    if not root.is_dir():
+        return []
+    out = [f"uploads/{p.name}" for p in (root / "uploads").iterdir()] if (root / "uploads").is_dir() else []
+    out += [f"corpora/{p.name}" for p in (root / "corpora").iterdir()] if (root / "corpora").is_dir() else []
+    out += [p.name for p in root.iterdir() if p.name not in ("uploads", "corpora")]
+    return out
+
+
+def wait_released(s: Server, timeout: float = 30) -> float:
+    t0 = time.time()
+    while session_folders(s):
+        assert time.time() - t0 < timeout, f"sessions not released: {session_folders(s)}"
+        time.sleep(0.2)
+    return time.time() - t0
+
+
+def settled_rss(s: Server, seconds: float = 2.0) -> int:
+    """The server's RSS once it stops moving (the lowest of a few samples over `seconds`)."""
+    samples = []
+    for _ in range(int(seconds / 0.25)):
+        samples.append(s.rss())
+        time.sleep(0.25)
+    return min(samples)
+
+
+@pytest.mark.slow
+def test_eight_concurrent_sessions(model_dir, tmp_path):
+    MiB = 1 << 20
+    with Server(model_dir, tmp_path / "snaps", "--max-sessions", "4", "--max-file-size", "256kb",
+                temp_dir=tmp_path / "gradio") as s:
+        fresh = settled_rss(s)
+        # a first wave warms the process up (lazy imports, thread pools, first allocations at this concurrency);
+        # glibc then keeps freed memory for reuse (launch.py sets MALLOC_TRIM_THRESHOLD_), so the baseline is
+        # the RSS after it: a wave that leaves anything behind shows as growth over it
+        warm = Tally()
+        wave(s.url, tmp_path / "warm", warm, time.time() + BUDGET_S, first=100)
+        assert warm.errors == 0, warm.problems
+        wait_released(s)
+        baseline = settled_rss(s)
+
+        tally, peak, done = Tally(), [baseline], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], s.rss())
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.time()
+        wave(s.url, tmp_path / "wave", tally, t0 + BUDGET_S)
+        wave_s = time.time() - t0
+        released_s = wait_released(s)
+        done.set()
+        sampler.join()
+        after = settled_rss(s)
+        peak_hwm = s.hwm()
+        series = [after]  # more waves on request (LONGLENS_LOAD_WAVES=N): does what stays level off?
+        for k in range(1, int(os.environ.get("LONGLENS_LOAD_WAVES", "1"))):
+            more = Tally()
+            wave(s.url, tmp_path / f"wave{k}", more, time.time() + BUDGET_S, first=100 * (k + 1))
+            assert more.errors == 0, more.problems
+            wait_released(s)
+            series.append(settled_rss(s))
+
+    result = {
+        "test": "tests/test_load.py::test_eight_concurrent_sessions",
+        "command": (f"LONGLENS_LOAD_WAVES={len(series)} " if len(series) > 1 else "")
+        + "OMP_NUM_THREADS=1 python -m pytest tests/test_load.py -q -k eight",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                   f"load average {os.getloadavg()[0]:.2f}",
+        "server": "python launch.py --max-sessions 4 --max-file-size 256kb (concurrency 1), random tiny model, "
+                  "OMP_NUM_THREADS=1",
+        "clients": CLIENTS, "questions_per_client": QUESTIONS,
+        "requests": CLIENTS * (1 + QUESTIONS), "requests_completed": tally.completed, "errors": tally.errors,
+        "answers_citing_another_session": tally.foreign,
+        "requests_reported_queued": len(tally.ranks), "max_queue_position": max(tally.ranks, default=None),
+        "wave_s": round(wave_s, 1), "budget_s": BUDGET_S,
+        "request_latency_s": {"median": round(sorted(tally.latencies)[len(tally.latencies) // 2], 2)
+                              if tally.latencies else None,
+                              "max": round(max(tally.latencies, default=0), 2)},
+        "released_after_leaving_s": round(released_s, 1),
+        "rss_fresh_mib": round(fresh / MiB, 1), "rss_baseline_mib": round(baseline / MiB, 1),
+        "rss_baseline_is": "the server's RSS after a first, unmeasured wave of 8 sessions had come and gone",
+        "rss_peak_mib": round(peak[0] / MiB, 1),
+        "rss_peak_vmhwm_mib": round(peak_hwm / MiB, 1), "rss_after_mib": round(after / MiB, 1),
+        "rss_after_each_wave_mib": [round(x / MiB, 1) for x in series],
+        "problems": tally.problems[:10],
+    }
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+    assert tally.errors == 0, tally.problems
+    assert tally.completed == CLIENTS * (1 + QUESTIONS)
+    assert tally.foreign == 0
+    assert tally.ranks and max(tally.ranks) >= 1, "no request was reported queued behind another"
+    assert wave_s < BUDGET_S
+    # Memory: the sessions' objects are all freed (test_sessions_leave_nothing_behind counts them), and the
+    # freed pages go back to the OS when a session is released (app/sessions.py: give_back_memory). What
+    # stays is allocator slack and gradio's own record of each past session (bounded: state_session_capacity);
+    # over repeated waves it levels off (~30 MiB above the first wave, measured), where without the trim it
+    # grew ~20-30 MiB with every wave.
+    assert peak[0] - after >= 4 * MiB, result  # given back, not kept at the high-water mark
+    assert after - baseline <= 48 * MiB, result
+
+
+@pytest.mark.slow
+def test_sessions_leave_nothing_behind(model_dir, tmp_path):
+    """In this process, to look inside: after 8 concurrent clients leave, none of their sessions, caches,
+    layouts or answers survives, their files are gone, and gradio keeps a bounded record of past sessions."""
+    import gc
+
+    from app.workspace import TurnView, Workspace
+    from runtime.cache import Cache
+    from runtime.corpus import Layout
+    from runtime.engine import Session
+    from runtime.provenance import Provenance
+    from test_app import launch_app
+
+    os.environ["GRADIO_HEARTBEAT_INTERVAL"] = "0.5"  # read per heartbeat connection: quick unloads
+    kinds = (Session, Cache, Workspace, TurnView, Layout, Provenance)
+
+    def alive():
+        gc.collect()
+        objs = gc.get_objects()
+        return {t.__name__: sum(isinstance(o, t) for o in objs) for t in kinds}
+
+    before = alive()
+    demo, url = launch_app(model_dir, tmp_path / "snaps", max_sessions=4, max_file_bytes=256 << 10)
+    try:
+        registry, files = demo.longlens.registry, demo.longlens.files
+        tally = Tally()
+        wave(url, tmp_path / "wave", tally, time.time() + BUDGET_S)
+        assert tally.errors == 0 and tally.completed == CLIENTS * (1 + QUESTIONS), tally.problems
+        deadline = time.time() + 30
+        while len(registry) and time.time() < deadline:
+            time.sleep(0.1)
+        assert len(registry) == 0, "sessions not released after their clients left"
+        deadline = time.time() + 15  # a handler may still be finishing its last message
+        while alive() != before and time.time() < deadline:
+            time.sleep(0.5)
+        assert alive() == before, "session state survived its session"
+        assert not any((files.root / "uploads").iterdir()) and not any(files.corpora.iterdir())
+        assert {p.name for p in files.root.iterdir()} <= {"uploads", "corpora"}  # no spilled session either
+        assert demo.state_session_capacity == 64  # gradio's record of past sessions is bounded
+    finally:
+        demo.close()
+        os.environ.pop("GRADIO_HEARTBEAT_INTERVAL", None)
