@@ -167,11 +167,14 @@ def test_a_session_s_files_go_when_it_ends(app, tmp_path, monkeypatch):
     assert files.uploads(a.session_hash).is_dir()
     assert "reused a snapshot" in load(b, paths)[0]  # the same files from B: the same snapshot, held twice
     a.close()
-    wait_for(lambda: a.session_hash not in registry._table, what="A's session to be released")
-    assert not files.uploads(a.session_hash).exists() and snapshot.is_dir()  # B still holds it
+    wait_for(lambda: a.session_hash not in registry._table and not files.uploads(a.session_hash).exists(),
+             what="A's session and uploads to be released")
+    time.sleep(0.5)
+    assert snapshot.is_dir()  # B still holds it
     b.close()
-    wait_for(lambda: b.session_hash not in registry._table, what="B's session to be released")
-    assert not files.uploads(b.session_hash).exists() and not snapshot.exists()
+    wait_for(lambda: b.session_hash not in registry._table and not files.uploads(b.session_hash).exists(),
+             what="B's session and uploads to be released")
+    wait_for(lambda: not snapshot.exists(), what="the snapshot to go with the last session holding it")
 
 
 def test_a_restarted_server_shows_nobody_the_previous_users_corpora(model_dir, tmp_path):
