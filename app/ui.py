@@ -28,7 +28,7 @@ from runtime import EngineError, GenerationParams, list_snapshots
 
 from . import figures as F
 from . import render as R
-from .sessions import Busy, Registry, SessionFiles, process_spill_dir
+from .sessions import Busy, Registry, SessionFiles, give_back_memory, process_spill_dir
 from .workspace import HEAT_COLUMNS, InputError, Workspace
 
 APP_DIR = Path(__file__).resolve().parent
@@ -103,6 +103,20 @@ def ledger_figure(nbytes: dict, dense: int):
 
 
 # ------------------------------------------------------------------------------------ the page
+def drop_page_state(demo, session_hash: str) -> None:
+    """Forget gradio's per-page state of a session whose page has closed (nothing reads it again)."""
+    holder = getattr(demo, "state_holder", None)
+    if holder is None:
+        return
+    with holder.lock:
+        state = holder.session_data.get(session_hash)
+        if state is not None and getattr(state, "is_closed", True):
+            del holder.session_data[session_hash]
+            holder.time_last_used.pop(session_hash, None)
+    if state is not None:
+        give_back_memory()
+
+
 def build_demo(settings):
     engine, problem = load_engine(settings)
     private = process_spill_dir(Path(settings.snapshot_dir) / ".sessions")  # this process's; never served
@@ -352,6 +366,11 @@ def build_demo(settings):
         k = key(request)
         registry.peek(k).stop_event.set()
         registry.release(k)
+        # gradio keeps the closed page's component values (plots included: MiBs) until its hourly sweep or
+        # until state_session_capacity newer sessions push them out; drop them once this unload is done
+        sid = getattr(request, "session_hash", None)
+        if sid:
+            drop_page_state(demo, sid)
 
     # ---------------------------------------------------------------- layout
     upload_note = f"≤ {F.format_bytes(settings.max_file_bytes)} each"

@@ -295,16 +295,20 @@ class Workspace:
             self.refresh_memory()
 
     def retry(self, params: GenerationParams) -> Iterator[TurnView]:
-        """Answer the last question again. The cache can only rewind to the end of the corpus, so
-        earlier turns leave the model's context (and the chat) when there are any."""
+        """Answer the last question again: the cache rewinds to just before it (earlier turns stay). After
+        a snapshot reload the turns cannot be undone one by one: then it rewinds to the corpus end."""
         if not self.turns:
             raise EngineError("nothing to retry yet: ask a question first")
-        dropped = len(self.turns) - 1
-        question = self.turns[-1].question
-        self.session.reset_chat()
-        self.turns = []
-        note = (f"Retried from the end of the corpus: the {dropped} earlier turn{'s' if dropped > 1 else ''} "
-                "left the model's context." if dropped else "")
+        question, note = self.turns[-1].question, ""
+        if self.session.can_undo():
+            self.session.undo_turn()
+            self.turns.pop()
+        else:
+            dropped = len(self.turns) - 1
+            self.session.reset_chat()
+            self.turns = []
+            note = (f"Retried from the end of the corpus: the {dropped} earlier turn{'s' if dropped > 1 else ''} "
+                    "left the model's context." if dropped else "")
         yield from self.ask(question, params, note)
 
     def clear(self) -> None:

@@ -58,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--index-dtype", default="bfloat16", choices=["bfloat16", "model"],
+                   help="lightning-indexer key cache (runtime.Cache index_dtype): bfloat16 as the app's engine "
+                        "uses (default), or the model's dtype")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPUs)")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens per model call)")
     p.add_argument("--decode-tokens", type=int, default=64, help="decode steps after each prefill (>= 32)")
@@ -183,7 +186,7 @@ def main(argv=None) -> int:
             "machine": machine_info(args.device),
             "matmul_peak": matmul_peak(dtype, args.device, n=args.peak_n, reps=5),
             "copy_bandwidth": copy_bandwidth(args.device),
-            "settings": {"dtype": args.dtype, "chunk": args.chunk, "decode_tokens": args.decode_tokens,
+            "settings": {"dtype": args.dtype, "index_dtype": args.index_dtype, "chunk": args.chunk, "decode_tokens": args.decode_tokens,
                          "repeats": args.repeats, "single_repeat_above": args.single_repeat_above,
                          "threads": threads, "mem_limit_bytes": None if args.device.startswith("cuda") else limit,
                          "malloc_env": not args.no_malloc_env, "contexts": args.contexts}}
@@ -216,7 +219,8 @@ def main(argv=None) -> int:
         prof = {L for L in args.contexts if L <= 32768}
     else:
         prof = set(_ints(args.profile)) if args.profile else set()
-    base = {"device": args.device, "dtype": args.dtype, "threads": threads, "chunk": args.chunk,
+    base = {"device": args.device, "dtype": args.dtype, "index_dtype": args.index_dtype, "threads": threads,
+            "chunk": args.chunk,
             "decode_tokens": args.decode_tokens, "decode_ref_context": args.decode_ref_context,
             "mem_limit_bytes": limit, "peak_n": args.peak_n, **model_spec}
     rs = {"meta": meta, "runs": [], "compare": []}

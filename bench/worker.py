@@ -141,11 +141,13 @@ def measure_runtime(spec: dict) -> dict:
     ref_ctx = ref_ctx if ref_ctx < P and ref_ctx + repeats * D <= c.max_position_embeddings else 0
     ref_ids = torch.randint(0, c.vocab_size, (1, ref_ctx), generator=gen).to(device) if ref_ctx else None
     ref_cache, ref_steps = None, []
+    index_dtype = torch.bfloat16 if spec.get("index_dtype", "bfloat16") == "bfloat16" else None
+    new_cache = lambda: model.new_cache(index_dtype=index_dtype)
     with torch.inference_mode():
         for r in range(repeats):
             cache = logits = None
             gc.collect()
-            cache = model.new_cache()
+            cache = new_cache()
             if timer:
                 timer.reset()
             chunk_times = []
@@ -162,7 +164,7 @@ def measure_runtime(spec: dict) -> dict:
             # decode D tokens (greedy) after the prefill; with a reference cache, its steps alternate with
             # these, so decode(L) / decode(ref) is measured under the same load (see decode_ref_context)
             if ref_ctx and ref_cache is None:
-                ref_cache = model.new_cache()
+                ref_cache = new_cache()
                 for s in range(0, ref_ctx, chunk):
                     ref_logits = model(ref_ids[:, s : s + chunk], ref_cache, logits_to_keep=1)
                 ref_tok = ref_logits[:, -1].argmax(-1, keepdim=True)

@@ -99,7 +99,10 @@ class Indexer(nn.Module):
     def scores(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """[B, Sq, N] fp32 index scores of queries q [B,Sq,H_I,d_I] against keys [B,N,d_I]."""
         B, Sq, H, d = q.shape
-        s = torch.matmul(q.reshape(B, Sq * H, d), keys.float().transpose(1, 2))  # [B, Sq*H_I, N]
+        if keys.dtype == torch.bfloat16:  # bf16 keys (Cache.index_dtype): bf16 matmul, fp32 from here on
+            s = torch.matmul(q.reshape(B, Sq * H, d).to(keys.dtype), keys.transpose(1, 2)).float()
+        else:
+            s = torch.matmul(q.reshape(B, Sq * H, d), keys.float().transpose(1, 2))  # [B, Sq*H_I, N]
         s = torch.relu_(s).view(B * Sq, H, -1)
         w = (w * d ** -0.5).reshape(B * Sq, 1, H)
         return torch.bmm(w, s).view(B, Sq, -1)  # the head sum as one batched matmul

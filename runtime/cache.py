@@ -24,15 +24,18 @@ from .config import CSA, HCA, SLIDING, ModelConfig
 
 
 class Entries:
-    """Append-only [B, N, C] rows with amortised O(1) appends."""
+    """Append-only [B, N, C] rows with amortised O(1) appends, stored in `dtype` (None: as given)."""
 
-    def __init__(self):
+    def __init__(self, dtype: torch.dtype | None = None):
         self.data: torch.Tensor | None = None
         self.n = 0
+        self.dtype = dtype
 
     def append(self, rows: torch.Tensor) -> None:
         if rows.shape[1] == 0:
             return
+        if self.dtype is not None:
+            rows = rows.to(self.dtype)
         need = self.n + rows.shape[1]
         if self.data is None or need > self.data.shape[1]:
             cap = max(need, 2 * (self.data.shape[1] if self.data is not None else 0), 16)
@@ -76,11 +79,18 @@ class LayerCache:
 
 
 class Cache:
-    """Everything needed to continue one batch of sequences; `length` tokens processed so far."""
+    """Everything needed to continue one batch of sequences; `length` tokens processed so far.
 
-    def __init__(self, config: ModelConfig, batch_size: int = 1):
+    `index_dtype` stores the lightning indexer's keys in that dtype (None: the model's). bf16 halves
+    the bytes the indexer streams per query -- its whole cost at long context -- and scores run as
+    bf16 matmuls (AMX on CPU); DeepSeek-V4 itself keeps these keys in FP8. Both attention paths read
+    the same keys, so the sparse path stays equal to the eager reference.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int = 1, index_dtype: torch.dtype | None = None):
         self.config = config
         self.batch_size = batch_size
+        self.index_dtype = index_dtype
         self.length = 0
         self.layers = []
         for t in config.layer_types:
@@ -88,7 +98,7 @@ class Cache:
             if t != SLIDING:
                 lc.kv = CompressorState()
             if t == CSA:
-                lc.index = CompressorState()
+                lc.index = CompressorState(entries=Entries(index_dtype))
             self.layers.append(lc)
 
     def nbytes(self) -> dict[str, int]:

@@ -198,7 +198,8 @@ def sample_next(logits: torch.Tensor, params: GenerationParams, generator: torch
 class Engine:
     def __init__(self, model, tokenizer: Tokenizer, *, chunk_size: int = 2048, max_context_tokens: int | None = None,
                  memory_budget_bytes: int | None = None, chat_reserve_tokens: int = 4096,
-                 model_fingerprint: str | None = None, model_dir: str | os.PathLike | None = None):
+                 model_fingerprint: str | None = None, model_dir: str | os.PathLike | None = None,
+                 index_dtype: torch.dtype | None = torch.bfloat16):
         cfg = model.config
         if tokenizer.vocab_size > cfg.vocab_size:
             raise EngineError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model's "
@@ -214,6 +215,7 @@ class Engine:
         self._model_fp = model_fingerprint
         self._tok_fp: str | None = None
         self._lock = threading.Lock()  # one forward at a time: sessions interleave per chunk / token
+        self.index_dtype = index_dtype  # indexer keys of every session cache (see runtime.cache.Cache)
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -248,10 +250,11 @@ class Engine:
     def cache_bytes_per_token(self) -> float:
         """Cache growth per context token: CSA entries + indexer keys, HCA entries (window is fixed)."""
         c, el = self.config, self.model.dtype.itemsize
+        iel = el if self.index_dtype is None else self.index_dtype.itemsize
         per = 0.0
         for t in c.layer_types:
             if t == CSA:
-                per += (c.head_dim + c.index_head_dim) * el / c.csa_rate
+                per += (c.head_dim * el + c.index_head_dim * iel) / c.csa_rate
             elif t == HCA:
                 per += c.head_dim * el / c.hca_rate
         return per
@@ -345,13 +348,14 @@ class Session:
         self._clear()
 
     def _clear(self) -> None:
-        self.cache: Cache = self.engine.model.new_cache()
+        self.cache: Cache = self.engine.model.new_cache(index_dtype=self.engine.index_dtype)
         self.layout: Layout | None = None
         self.history: list[Turn] = []
         self.chat_ids: list[int] = []  # tokens fed after the corpus
         self.pending: list[int] = []  # tokens of the last turn still to feed (its last token, EOS)
         self.last_logits: torch.Tensor | None = None  # [vocab] next-token logits at cache.length
         self._corpus_mark = mark_cache(self.cache)
+        self._turn_marks: list[tuple] = []  # per answered turn: the state just before it (undo_turn)
         self._broken: str | None = None
         self._busy = False
 
@@ -421,7 +425,7 @@ class Session:
                 t3 = time.perf_counter()
                 try:
                     self._adopt(load_snapshot(path, eng.config, vars(fps), eng.model.device, eng.model.dtype,
-                                              eng.reserve_tokens()))
+                                              eng.reserve_tokens(), eng.index_dtype))
                     report.source, report.snapshot = "snapshot", path
                     report.timings.update(snapshot_load_s=time.perf_counter() - t3, prefill_tokens=0)
                     report.timings["total_s"] = time.perf_counter() - t0
@@ -500,6 +504,8 @@ class Session:
         self._check_turn(turn)
         limit = eng.context_limit()[0]
         self._busy = True
+        # a few small tensors by reference (the cache only appends past them): undo_turn comes back here
+        before = (mark_cache(self.cache, self.last_logits), len(self.chat_ids), list(self.pending), len(self.history))
         t0 = time.perf_counter()
         capture = Capture() if params.capture else None
         answer, pieces, fed, reason = [], [], 0, "closed"
@@ -549,6 +555,7 @@ class Session:
         finally:
             self.pending = answer[fed:] + [tok.eos_id]  # fed at the start of the next turn
             self.history.append(Turn(question, "".join(pieces), list(answer), reason))
+            self._turn_marks.append(before)
             self.last_logits = logits
             self._busy = False
         tail = decoder.flush()
@@ -577,7 +584,28 @@ class Session:
         rewind_cache(self.cache, self._corpus_mark)
         self.history, self.chat_ids, self.pending = [], [], []
         self.last_logits = self._corpus_mark.logits
+        self._turn_marks = []
         self._broken = None
+
+    def can_undo(self) -> bool:
+        return bool(self._turn_marks) and not self._busy
+
+    def undo_turn(self) -> Turn:
+        """Take back the last question and its answer: the cache rewinds to just before that turn (no
+        prefill; earlier turns stay). Returns the removed turn. Turns restored from a snapshot cannot
+        be undone one by one (reset_chat still works)."""
+        if self._busy:
+            raise EngineError("an answer is still streaming in this session; stop it or read it to the end first")
+        if not self._turn_marks:
+            raise EngineError("no turn to undo" + (" (turns restored from a snapshot can only be cleared)"
+                                                   if self.history else ""))
+        mark, n_ids, pending, n_hist = self._turn_marks.pop()
+        rewind_cache(self.cache, mark)
+        self.chat_ids, self.pending, self.last_logits = self.chat_ids[:n_ids], pending, mark.logits
+        removed = self.history[n_hist]
+        del self.history[n_hist:]
+        self._broken = None
+        return removed
 
     # ------------------------------------------------------------------------------------ snapshots
     def fingerprints(self) -> Fingerprints:
@@ -606,7 +634,8 @@ class Session:
         if info.complete:  # before reading the tensors: does it fit this engine's limits?
             eng.check_fits(info.tokens)
         expect = {"model": eng.model_fingerprint(), "tokenizer": eng.tokenizer_fingerprint()}
-        self._adopt(load_snapshot(path, eng.config, expect, eng.model.device, eng.model.dtype, eng.reserve_tokens()))
+        self._adopt(load_snapshot(path, eng.config, expect, eng.model.device, eng.model.dtype, eng.reserve_tokens(),
+                                  eng.index_dtype))
         return LoadReport(self.cache.length, 0 if self.layout is None else len(self.layout.documents), [],
                           "snapshot", Path(path), timings={"snapshot_load_s": time.perf_counter() - t0})
 

@@ -59,8 +59,10 @@ def _tasks():
 
 
 # --------------------------------------------------------------------------------------------- cases
-def build_case(kind: str, rng: random.Random, pool, tok, length: int, depths, variant: str = "eval"):
-    """A haystack of about ``length`` prompt tokens with one item per depth: (haystack text, [QA])."""
+def build_case(kind: str, rng: random.Random, pool, tok, length: int, depths, variant: str = "eval",
+               values: str = "number"):
+    """A haystack of about ``length`` prompt tokens with one item per depth: (haystack text, [QA]).
+    ``values``: the niah value format (train/tasks.py make_value: number, code, words) or "mixed"."""
     T = _tasks()
     if kind == "niah":
         used, items = set(), []
@@ -69,7 +71,7 @@ def build_case(kind: str, rng: random.Random, pool, tok, length: int, depths, va
             if (attr, ent) in used:
                 continue
             used.add((attr, ent))
-            items.append((attr, ent, T.make_value(rng, variant)))
+            items.append((attr, ent, T.make_value(rng, variant, None if values == "mixed" else values)))
         sents = [T.niah_sentence(*it) for it in items]
         planted = [s for s, _ in sents]
         questions = [T.niah_question(a, e) for a, e, _ in items]
@@ -177,7 +179,7 @@ def _selection(model, capture: Capture, query_pos: int, value_tokens: tuple[int,
 
 def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5, 0.75, 1.0), seed: int = 0,
              haystack_paths=None, n: int = 4, chunk: int = 8192, model=None, tokenizer=None,
-             max_new_tokens: int | None = None, progress=None, pool=None) -> list[dict]:
+             max_new_tokens: int | None = None, progress=None, pool=None, values: str = "number") -> list[dict]:
     """One dict per (length, depth): kind, length, depth, n, correct, accuracy, recall, rank, first, tokens
     (mean prompt length), seconds (mean wall time per haystack of that length: prefill + all its questions),
     seed, examples (question, answer, output, ok, recall, ranks, first, prompt tokens)."""
@@ -208,7 +210,7 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
         for i in range(n):
             rng = random.Random(f"{seed}:{kind}:{L}:{i}")
             t0 = time.time()
-            hay, qas = build_case(kind, rng, pool, tok, L, depths)
+            hay, qas = build_case(kind, rng, pool, tok, L, depths, values=values)
             prompts = []
             for qa in qas:
                 content = hay + "\n\n" + qa.question
@@ -291,6 +293,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                         help="comma-separated item depths in [0, 1] (0 = start of the haystack)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--values", choices=("number", "code", "words", "mixed"), default="number",
+                        help="niah value format: number = 3-8 digits, as RULER's passkeys (default); code = "
+                             "'QX-4471-B'; words = 'falcon-12'; mixed = 60/25/15%% of those")
     parser.add_argument("--haystack", action="extend", nargs="+", default=None, metavar="PATH",
                         help="files or folders to cut haystacks from (default: the held-out corpus split)")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder (default: assets/model)")
@@ -299,7 +304,63 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="one JSON object per cell on stdout")
     parser.add_argument("--examples", action="store_true", help="with --json, include every question and output")
+    parser.add_argument("--include", nargs="+", default=[], metavar="JSONL",
+                        help="earlier --json outputs to merge into the table and the plot (cells of this kind)")
+    parser.add_argument("--plot", default=None, metavar="SVG",
+                        help="write an exact-match heatmap (length x depth, with selection recall) to this file")
+    parser.add_argument("--render-only", action="store_true",
+                        help="run nothing: render --include files only (table, --plot)")
     return parser
+
+
+def load_results(paths, kind: str | None = None) -> list[dict]:
+    """Cells from --json output files (one JSON object per line)."""
+    out = []
+    for p in paths:
+        for line in Path(p).read_text().splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                r = json.loads(line)
+                if kind is None or r.get("kind") == kind:
+                    out.append(r)
+    return out
+
+
+def svg_heatmap(results: list[dict], title: str) -> str:
+    """Exact-match accuracy per (length, depth) as a colour grid; each cell also prints its recall and n."""
+    lengths = sorted({r["length"] for r in results})
+    depths = sorted({r["depth"] for r in results})
+    cell = {(r["length"], r["depth"]): r for r in results}
+    cw, ch, left, top = 92, 46, 96, 56
+    w, h = left + cw * len(depths) + 20, top + ch * len(lengths) + 52
+    o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+         'font-family="system-ui, sans-serif" font-size="12">',
+         f'<rect width="{w}" height="{h}" fill="white"/>',
+         f'<text x="{left}" y="22" font-size="14" font-weight="600">{title}</text>',
+         f'<text x="{left}" y="40" fill="#555">needle depth (0 = start of the haystack) &#8594;</text>']
+    for j, d in enumerate(depths):
+        o.append(f'<text x="{left + j * cw + cw / 2}" y="{top - 4}" text-anchor="middle">{d:.2f}</text>')
+    for i, L in enumerate(lengths):
+        y = top + i * ch
+        label = f"{L // 1024}k" if L < 1 << 20 else f"{L / (1 << 20):g}M"
+        o.append(f'<text x="{left - 8}" y="{y + ch / 2 + 4}" text-anchor="end">{label} tokens</text>')
+        for j, d in enumerate(depths):
+            r, x = cell.get((L, d)), left + j * cw
+            if r is None or r.get("accuracy") is None:
+                o.append(f'<rect x="{x}" y="{y}" width="{cw - 2}" height="{ch - 2}" fill="#eee"/>')
+                continue
+            a = r["accuracy"]
+            red, green = int(230 - 190 * a), int(80 + 140 * a)  # red (0) to green (1)
+            o.append(f'<rect x="{x}" y="{y}" width="{cw - 2}" height="{ch - 2}" fill="rgb({red},{green},90)"/>')
+            rec = "-" if r.get("recall") is None else f"{r['recall']:.2f}"
+            o.append(f'<text x="{x + cw / 2 - 1}" y="{y + 19}" text-anchor="middle" fill="white" font-weight="600">'
+                     f'{a:.2f}</text>')
+            o.append(f'<text x="{x + cw / 2 - 1}" y="{y + 35}" text-anchor="middle" fill="white" font-size="10">'
+                     f'recall {rec} · n {r["n"]}</text>')
+    o.append(f'<text x="{left}" y="{h - 14}" fill="#555">cell: exact-match accuracy (colour, large) and CSA '
+             f'selection recall of the needle\'s entry</text>')
+    o.append("</svg>")
+    return "\n".join(o) + "\n"
 
 
 def format_table(results: list[dict]) -> str:
@@ -318,8 +379,16 @@ def main_eval(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = lambda msg: print(msg, file=sys.stderr, flush=True)
-    results = evaluate(args.kind, args.model, args.lengths, args.depths, args.seed, args.haystack, n=args.n,
-                       chunk=args.chunk, progress=progress)
+    results = [] if args.render_only else evaluate(
+        args.kind, args.model, args.lengths, args.depths, args.seed, args.haystack, n=args.n, chunk=args.chunk,
+        progress=progress, values=args.values)
+    if args.plot:
+        merged = {(r["length"], r["depth"]): r for r in load_results(args.include, args.kind) + results}
+        cells = sorted(merged.values(), key=lambda r: (r["length"], r["depth"]))
+        Path(args.plot).write_text(svg_heatmap(cells, f"{args.kind}: exact match by context length and depth"))
+        print(f"wrote {args.plot}", file=sys.stderr)
+        if args.render_only:
+            results = cells
     if args.json:
         for r in results:
             if not args.examples:

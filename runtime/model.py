@@ -75,8 +75,8 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
-    def new_cache(self, batch_size: int = 1) -> Cache:
-        return Cache(self.config, batch_size)
+    def new_cache(self, batch_size: int = 1, index_dtype: torch.dtype | None = None) -> Cache:
+        return Cache(self.config, batch_size, index_dtype)
 
     def hidden(self, input_ids: torch.Tensor, cache: Cache, capture=None, keep: int = 0) -> torch.Tensor:
         """Final normalised hidden states [B, S, D] (last `keep` positions if keep > 0); extends `cache` by S."""
@@ -114,8 +114,10 @@ class Transformer(nn.Module):
     def init_weights(self, seed: int = 0) -> "Transformer":
         """Random weights for training from scratch and for benchmarks (no checkpoint needed).
 
-        Linears ~ N(0, 1/fan_in); norms 1; mHC projections start at 0 so every sub-layer first sees
-        the plain average of its streams (sigmoid(0)); gate biases 0; hash table random.
+        Linears ~ N(0, 1/fan_in); norms 1; gate biases 0; hash table random. mHC: the dynamic
+        projections `hc_*_fn` start small and random with scale 1 -- zero fn *and* zero scale would get
+        no gradient and never move -- and the residual-mixing part of `hc_*_base` starts at the identity
+        (each stream keeps itself), so every sub-layer first sees about the average of its streams.
         """
         g = torch.Generator().manual_seed(seed)
         for name, p in self.named_parameters():
@@ -132,6 +134,15 @@ class Transformer(nn.Module):
                 b.copy_(torch.stack([torch.randperm(E, generator=g)[: b.shape[1]] for _ in range(b.shape[0])]))
             elif name.endswith("gate.bias"):
                 b.zero_()
+        g, n = torch.Generator().manual_seed(seed + 1), self.config.hc_mult
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf.startswith("hc_") and leaf.endswith("_fn"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.005)
+            elif leaf.startswith("hc_") and leaf.endswith("_scale"):
+                p.fill_(1.0)
+            elif leaf.startswith("hc_") and leaf.endswith("_base") and p.numel() > n:
+                p[2 * n:].copy_(torch.eye(n).flatten())
         return self
 
     def num_params(self, active: bool = False) -> int:

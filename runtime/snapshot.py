@@ -359,10 +359,11 @@ _WHAT = {"model": "a different model (config, weights or dtype)", "tokenizer": "
 
 def load_snapshot(path: str | os.PathLike, config: ModelConfig, expect: dict[str, str],
                   device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                  reserve_tokens: int = 0) -> SessionState:
+                  reserve_tokens: int = 0, index_dtype: torch.dtype | None = None) -> SessionState:
     """Load and check a snapshot. `expect` maps fingerprint names ("model", "tokenizer", "corpus",
     "chat") to the values this session has; each one given must match. `reserve_tokens` leaves room
-    in the entry buffers for that many more context tokens."""
+    in the entry buffers for that many more context tokens; `index_dtype` is the indexer-key dtype of
+    the session's caches (Cache.index_dtype): stored keys are converted to it."""
     path = Path(path)
     m = _read_manifest(path)
     for part, value in expect.items():
@@ -383,7 +384,7 @@ def load_snapshot(path: str | os.PathLike, config: ModelConfig, expect: dict[str
         raise SnapshotError(f"{path}: damaged snapshot (cache.safetensors: {e})") from None
     cache_meta = m["cache"]
     try:
-        cache, mark = _build(cache_meta, tensors, config, dtype, reserve_tokens)
+        cache, mark = _build(cache_meta, tensors, config, dtype, reserve_tokens, index_dtype)
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"{path}: snapshot does not fit this model's cache ({e})") from None
     if not isinstance(chat, dict) or not isinstance(chat.get("ids"), list):
@@ -391,8 +392,9 @@ def load_snapshot(path: str | os.PathLike, config: ModelConfig, expect: dict[str
     return SessionState(cache, layout, chat, mark, tensors.get("logits.last"))
 
 
-def _build(meta: dict, tensors: dict, config: ModelConfig, dtype, reserve_tokens: int) -> tuple[Cache, CacheMark]:
-    cache = Cache(config, int(meta["batch_size"]))
+def _build(meta: dict, tensors: dict, config: ModelConfig, dtype, reserve_tokens: int,
+           index_dtype: torch.dtype | None = None) -> tuple[Cache, CacheMark]:
+    cache = Cache(config, int(meta["batch_size"]), index_dtype)
     cache.length = int(meta["length"])
     d = config.head_dim
     for i, lc in enumerate(cache.layers):
@@ -412,9 +414,9 @@ def _build(meta: dict, tensors: dict, config: ModelConfig, dtype, reserve_tokens
             width = d if kind == "kv" else config.index_head_dim
             if rows.shape[1] != n or rows.shape[2] != width:
                 raise ValueError(f"{name}.entries shape {tuple(rows.shape)}")
-            e = Entries()
+            e = Entries(st.entries.dtype)
             cap = max(n, (cache.length + reserve_tokens) // rate + 1)
-            e.data = rows.new_empty(rows.shape[0], cap, width)
+            e.data = rows.new_empty(rows.shape[0], cap, width, dtype=e.dtype or rows.dtype)
             e.data[:, :n] = rows
             e.n = n
             st.entries = e

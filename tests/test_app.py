@@ -266,6 +266,13 @@ def test_stop_retry_clear(app, tmp_path):
     assert "stopped" in text_of(chat[-1])
     chat, _, _ = c.predict(4, 0.0, -1, api_name="/retry")
     assert len(chat) == 2 and text_of(chat[0]) == QUESTION
+    chat, _, _ = c.predict("A second question?", 4, 0.0, -1, api_name="/ask")
+    assert len(chat) == 4
+    ws = demo.longlens.registry.peek(c.session_hash)
+    before = ws.session.n_tokens
+    chat, _, _ = c.predict(4, 0.0, -1, api_name="/retry")  # only the last turn is redone; the first stays
+    assert len(chat) == 4 and text_of(chat[0]) == QUESTION and text_of(chat[2]) == "A second question?"
+    assert "earlier turn" not in text_of(chat[-1]) and ws.session.n_tokens == before
     chat, chips, _ = c.predict(api_name="/clear")
     assert chat == [] and chips == ""
 

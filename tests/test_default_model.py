@@ -2,6 +2,7 @@
 ~2k-token held-out haystack end to end (chunked prefill, greedy decode), and evaluate() returns
 well-formed cells."""
 
+import json
 import math
 import random
 import sys
@@ -106,3 +107,18 @@ def test_eval_cli_arguments():
     assert a.seed == 7 and a.haystack == ["a", "b"] and a.json
     with pytest.raises(SystemExit):
         ap.parse_args(["niah", "--depths", "1.5"])
+
+
+def test_eval_plot_and_merge(tmp_path):
+    """--include merges earlier --json runs; --plot writes one heatmap cell per (length, depth)."""
+    cells = [{"kind": "niah", "length": L, "depth": d, "n": 2, "accuracy": a, "recall": 1.0, "rank": 1.0,
+              "first": 1.0, "tokens": L, "seconds": 1.0}
+             for L, a in ((4096, 1.0), (1048576, 0.5)) for d in (0.0, 1.0)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(c) for c in cells[:2]) + "\n")
+    (tmp_path / "b.jsonl").write_text("progress line\n" + "\n".join(json.dumps(c) for c in cells[2:]) + "\n")
+    got = ev.load_results([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], "niah")
+    assert got == cells and ev.load_results([tmp_path / "a.jsonl"], "kv") == []
+    svg = ev.svg_heatmap(got, "niah")
+    assert svg.startswith("<svg") and svg.count("<rect") == 1 + 4 and "1M tokens" in svg and "4k tokens" in svg
+    cell = 'font-weight="600">{}</text>'
+    assert svg.count(cell.format("1.00")) == 2 and svg.count(cell.format("0.50")) == 2

@@ -145,6 +145,31 @@ def test_reset_chat_rewinds_to_the_corpus(engine, loaded):
     assert again.token_ids == first.token_ids and again.timings["prefill_tokens"] == first.timings["prefill_tokens"]
 
 
+def test_undo_turn_rewinds_one_turn(engine, loaded):
+    """undo_turn takes back the last question only: earlier turns stay in the cache, nothing is prefilled
+    again, and asking the same question again gives the same answer from the same state."""
+    session, _, _ = loaded
+    session.reset_chat()
+    assert not session.can_undo()
+    _, first = drain(session.ask("What is the secret?", GenerationParams(max_new_tokens=3)))
+    after_first = (session.n_tokens, list(session.chat_ids), list(session.pending), session.last_logits.clone())
+    _, second = drain(session.ask("And the other one?", GenerationParams(max_new_tokens=4)))
+    assert session.n_tokens > after_first[0] and session.can_undo()
+    removed = session.undo_turn()
+    assert removed.question == "And the other one?" and len(session.history) == 1
+    assert (session.n_tokens, session.chat_ids, session.pending) == after_first[:3]
+    assert torch.equal(session.last_logits, after_first[3])
+    _, again = drain(session.ask("And the other one?", GenerationParams(max_new_tokens=4)))
+    assert again.token_ids == second.token_ids
+    assert again.timings["prefill_tokens"] == second.timings["prefill_tokens"]  # the turn only, not the corpus
+    session.undo_turn(), session.undo_turn()
+    assert session.n_tokens == session.corpus_tokens and session.history == [] and not session.can_undo()
+    with pytest.raises(EngineError, match="no turn to undo"):
+        session.undo_turn()
+    _, again_first = drain(session.ask("What is the secret?", GenerationParams(max_new_tokens=3)))
+    assert again_first.token_ids == first.token_ids
+
+
 def test_streaming_and_stop(engine, loaded):
     session, _, _ = loaded
     session.reset_chat()
@@ -233,7 +258,8 @@ def test_too_large_corpus_refused_before_prefill(model_dir, corpus_paths, engine
         tight.new_session().load_corpus(corpus_paths)
     per = tight.cache_bytes_per_token()
     cfg = engine.config
-    assert per == 4 * (2 * (cfg.head_dim + cfg.index_head_dim) / 4 + cfg.head_dim / 16)  # 2 CSA + 1 HCA, fp32
+    # 2 CSA (fp32 entries, bf16 indexer keys: Engine's index_dtype) + 1 HCA
+    assert per == 2 * (4 * cfg.head_dim + 2 * cfg.index_head_dim) / 4 + 4 * cfg.head_dim / 16
     assert e.value.fits == int((20_000 - tight.fixed_cache_bytes()) / per) - 64
     # the model's own context is a limit too
     huge = write_corpus(Path(corpus_paths[0]).parent.parent / "huge", lines=700, needle_at=None)

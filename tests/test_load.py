@@ -283,7 +283,11 @@ def test_sessions_leave_nothing_behind(model_dir, tmp_path):
         assert alive() == before, "session state survived its session"
         assert not any((files.root / "uploads").iterdir()) and not any(files.corpora.iterdir())
         assert {p.name for p in files.root.iterdir()} <= {"uploads", "corpora"}  # no spilled session either
-        assert demo.state_session_capacity == 64  # gradio's record of past sessions is bounded
+        assert demo.state_session_capacity == 64  # gradio's record of past sessions is bounded...
+        deadline = time.time() + 10  # ...and a closed page's record is dropped (app/ui.py drop_page_state)
+        while len(demo.state_holder.session_data) and time.time() < deadline:
+            time.sleep(0.2)
+        assert len(demo.state_holder.session_data) == 0, list(demo.state_holder.session_data)
     finally:
         demo.close()
         os.environ.pop("GRADIO_HEARTBEAT_INTERVAL", None)

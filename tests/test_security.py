@@ -131,6 +131,25 @@ def test_an_upload_is_readable_by_no_one_else(app, tmp_path):
     assert secret not in b.predict("file:a_private.txt:25", api_name="/open_source")  # B has no corpus at all
 
 
+def test_a_fresh_upload_url_cannot_be_guessed(app):
+    """Between gradio's upload route and the session reading the file, the file sits in gradio's upload
+    folder, which gradio's file route serves to whoever has the URL (it cannot be blocked: gradio then
+    refuses to process the upload itself). The URL is a capability: its folder is a digest keyed by a
+    per-install random seed, so knowing (or guessing) the content does not give it."""
+    import hashlib
+
+    demo, url = app
+    body = b"fresh secret 4417"
+    r = httpx.post(f"{url}gradio_api/upload", files={"files": ("fresh.txt", body)})
+    assert r.status_code == 200
+    (path,) = r.json()
+    folder = Path(path).parent.name
+    assert Path(path).is_relative_to(os.environ["GRADIO_TEMP_DIR"]) and len(folder) == 64
+    assert folder not in {hashlib.sha256(body).hexdigest(), hashlib.sha1(body).hexdigest()}
+    guess = Path(path).parent.parent / hashlib.sha256(body).hexdigest() / "fresh.txt"
+    assert refused(httpx.get(f"{url}gradio_api/file={guess}"))
+
+
 def test_no_path_outside_is_served_or_ingested(app, model_dir):
     demo, url = app
     temp = os.environ["GRADIO_TEMP_DIR"]

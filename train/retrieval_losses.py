@@ -36,14 +36,25 @@ class CSAProbe:
         self.attn = model.layers[layer].attn
         self.indexer = self.attn.indexer  # kept even while the forward runs with the indexer detached
         assert self.indexer is not None, f"layer {layer} is not a CSA layer"
-        self.x = None
+        self.x = self.y = None
         self._h = self.attn.register_forward_pre_hook(self._hook)
+        self._ho = self.attn.register_forward_hook(self._out_hook)
 
     def _hook(self, module, args):
         self.x = args[0]  # [B, T, D] normalised attention input (part of the graph)
 
+    def _out_hook(self, module, args, out):
+        self.y = out  # [B, T, D] the CSA layer's attention output (part of the graph)
+
+    def read_logits(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits read straight off the CSA attention output at (rows, cols) through the
+        (tied) output head: a short gradient path to the copy circuit (compressor values, wo_a, wo_b)."""
+        y = unweighted_rms_norm(self.y[rows, cols], self.model.config.rms_norm_eps)
+        return self.model.head(y).float()
+
     def remove(self):
         self._h.remove()
+        self._ho.remove()
 
     def _main_logits(self, x_b, entries_b, pos):
         """Head-wise main logits [H, Q, N] of queries at positions pos (1-D) for one sequence."""
@@ -64,11 +75,11 @@ class CSAProbe:
         entries = cache.layers[self.layer].kv.entries.view()  # [B, N, d], attached to the graph
         B, T, _ = x.shape
         rate = a.rate
-        out = {"csa_sup": [], "idx_sup": [], "idx_kl": [], "idx_hit": [], "csa_top1": []}
+        out = {"csa_sup": [], "idx_sup": [], "idx_kl": [], "idx_hit": [], "csa_top1": [], "slot_sup": []}
         xd = x.detach()
         dev = x.device
         for b in range(B):
-            qpos = [p for p, _ in sup[b]]
+            qpos = [s[0] for s in sup[b]]
             pos = torch.tensor(qpos, dtype=torch.long, device=dev)
             pos = torch.cat([pos, kl_pos[b].to(dev)]) if len(kl_pos[b]) else pos
             if len(pos) == 0:
@@ -88,7 +99,7 @@ class CSAProbe:
             nq = len(qpos)
             if nq:
                 tgt = torch.zeros(nq, N, dtype=torch.bool, device=dev)
-                for i, (_, ents) in enumerate(sup[b]):
+                for i, (_, ents, *_rest) in enumerate(sup[b]):
                     for e in ents:
                         if 0 <= e < N:
                             tgt[i, e] = True
@@ -103,6 +114,16 @@ class CSAProbe:
                         top = isc.topk(k, dim=-1).indices
                         out["idx_hit"].append(tg.gather(1, top).any(-1).float())
                         out["csa_top1"].append(tg.gather(1, ml.argmax(-1, keepdim=True))[:, 0].float())
+            # slot supervision: head (p mod rate) toward the entry whose own window holds token p
+            hs, qs, es = [], [], []
+            for i, item in enumerate(sup[b]):
+                p = item[2] if len(item) > 2 else None
+                if p is not None and p // rate < N and visible[i, p // rate] and (p % rate) < logits.shape[0]:
+                    hs.append(p % rate); qs.append(i); es.append(p // rate)
+            if hs:
+                hl = logits[torch.tensor(hs, device=dev), torch.tensor(qs, device=dev)]  # [n, N]
+                hl = hl.masked_fill(~visible[torch.tensor(qs, device=dev)], float("-inf"))
+                out["slot_sup"].append(F.cross_entropy(hl, torch.tensor(es, device=dev), reduction="none"))
             # V3.2 indexer KL toward the (detached) head-averaged main attention over visible entries
             with torch.no_grad():
                 p = torch.softmax(logits.detach().masked_fill(~visible[None], float("-inf")), dim=-1).mean(0)

@@ -5,8 +5,8 @@
 
 Design (DeepSeek-V3/V4 style, scaled down):
   * model: ``models.BPE`` without unk token; every byte is in the initial alphabet, so any text encodes.
-  * pre-tokenizer: ``Split(\\p{N}{1,3}, isolated)`` (numbers cut into runs of at most 3 digits, as in the
-    DeepSeek tokenizers) followed by ``ByteLevel(add_prefix_space=False, use_regex=True)``
+  * pre-tokenizer: ``Split(\\p{N}, isolated)`` (numbers cut into single digits, as LLaMA does; DeepSeek's cut
+    runs of up to 3: see train/DATA.md for why) followed by ``ByteLevel(add_prefix_space=False, use_regex=True)``
     (GPT-2 regex). No normalizer: ``decode(encode(text)) == text`` exactly.
   * decoder: ``decoders.ByteLevel``; no post-processor (BOS is added explicitly by runtime/tokenizer.py).
   * special tokens, ids fixed 0..4: ``<｜begin▁of▁sentence｜>``, ``<｜end▁of▁sentence｜>``, ``<｜User｜>``,
@@ -53,7 +53,7 @@ def build_untrained() -> Tokenizer:
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = None
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\p{N}{1,3}"), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True),
     ])
     tok.decoder = decoders.ByteLevel()

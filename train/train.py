@@ -9,13 +9,24 @@ config.json); training calls its ordinary differentiable forward. Losses:
 
 * language modelling on a random share of the haystack/question positions (``--lm-rate``);
 * answer tokens (and the closing EOS) of every question, weighted ``--w-answer``;
-* retrieval supervision and the V3.2 indexer KL on the CSA layer (train/retrieval_losses.py): the
-  head-mean CSA logits and the lightning-indexer scores of every answer-token query are pushed toward the
-  compressed entries that pool the value token being copied; the indexer (detached inputs) also follows
-  the main attention by KL.
-
+* retrieval supervision on the CSA layer (train/retrieval_losses.py), for every answer-token query:
+  - ``--w-slot``: head ``p mod 4`` of the CSA attention toward the compressed entry whose own window holds
+    the value token ``p`` being copied (per-head cross-entropy over the visible entries);
+  - ``--w-read``: the answer token read straight off the CSA attention output through the tied output
+    head (a short gradient path to the copy circuit: compressor values, ``wo_a``, ``wo_b``);
+  - ``--w-idx``: the lightning-indexer scores (on detached inputs) toward the entries holding the value;
+  - ``--w-kl``: the DeepSeek-V3.2 indexer KL toward the main attention;
+  - ``--w-csa`` (0 by default): the head-mean CSA logits toward those entries;
 * copy drills (``RECAP_P`` of the examples, tasks.add_recap): some planted lines are repeated verbatim
   before the question; their values are predicted like answers and supervised like answers.
+
+Why per-head slots: a CSA entry pools 4 tokens (8 with the overlap) into one vector, so a query that finds
+the right entry still has to say *which* of its tokens comes next. The compressor's gate is a softmax over
+the window's slots *per channel*, with a learned per-slot bias ``ape``; ``slot_layout`` starts ``ape`` so
+that channel group s of an entry holds token s of its window, and the slot loss teaches head s to read
+slot s. Without both, 2.3M tokens of training found the needle's entry every time and still copied
+nothing (assets/model/MODEL_CARD.md, training history); with them the copy circuit forms in a few hundred
+steps.
 
 Curriculum (``STAGES``): the first stage runs the CSA layer dense over all compressed entries (the indexer
 is detached from the forward; V3.2's dense warm-up) at short length; later stages use the real sparse top-k
@@ -104,34 +115,46 @@ CONFIG = {
 # stage inside a longer warmup+cosine schedule (so a stage can change loss weights mid-schedule); any other
 # key overrides the command-line loss weight of that name for the stage.
 STAGES = [
-    ("dense-512", 900, 512, 4, True, 3e-3, {}),
-    ("sparse-1024", 150, 1024, 2, False, 1.5e-3, {}),
-    ("sparse-2048", 60, 2048, 1, False, 1e-3, {}),
+    # the copy circuit forms fastest on needles alone (numeric values of 4-8 digits), then all three skills
+    ("niah-320", 1000, 320, 4, True, 2e-3, {"mix": [["niah", 1.0]], "task": {"value_fmt": "number:4-8",
+                                                                         "max_needles": 4}}),
+    ("mix-384", 1000, 384, 4, True, 1.5e-3, {}),
+    ("sparse-1024", 300, 1024, 2, False, 1e-3, {}),
+    ("sparse-2048", 100, 2048, 1, False, 7e-4, {}),
 ]
 SMOKE_STAGES = [("smoke-dense-384", 120, 384, 4, True, 2e-3, {}), ("smoke-sparse-512", 20, 512, 2, False, 1e-3, {})]
-MIX = (("niah", 0.45), ("kv", 0.4), ("continue", 0.15))
+MIX = (("niah", 0.7), ("kv", 0.2), ("continue", 0.1))
 RECAP_P = 0.6  # share of training examples with a copy drill (tasks.add_recap)
-TASK_OPTS: dict = {}  # extra make_example options (experiments: max_needles, value_fmt)
+INIT: dict = {"ape_slots": 5.0}  # structured init (see slot_layout)
+TASK_OPTS: dict = {"value_fmt": "number", "max_needles": 4}  # niah: numeric values (RULER-style passkeys)
 PAD = 4
 
 
 # --------------------------------------------------------------------------------------------- model
 def build_model(seed: int) -> Transformer:
     model = Transformer(ModelConfig.from_dict(CONFIG)).init_weights(seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # mHC: zero fn *and* zero scale would never move; break the symmetry
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf.startswith("hc_") and leaf.endswith("_fn"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.005)
-            elif leaf.startswith("hc_") and leaf.endswith("_scale"):
-                p.fill_(1.0)
-            elif leaf.startswith("hc_") and leaf.endswith("_base") and p.numel() > model.config.hc_mult:
-                n = model.config.hc_mult  # comb part starts near identity (each stream keeps itself)
-                p[2 * n:].copy_(torch.eye(n).flatten() * 1.0)
+    with torch.no_grad():
+        if INIT.get("ape_slots"):
+            slot_layout(model, INIT["ape_slots"])
     if CONFIG["tie_word_embeddings"]:
         model.head.weight = model.embed.weight
     return model
+
+
+def slot_layout(model: Transformer, strength: float) -> None:
+    """Start each CSA compressor's per-channel slot bias (``ape``) as a layout: channel group s of an entry
+    takes token s of its window, so an entry begins as the concatenation of its tokens' projections
+    instead of a random per-channel mix. (The previous window's half starts switched off.)"""
+    for blk in model.layers:
+        comp = blk.attn.compressor
+        if blk.attn.indexer is None or comp is None:
+            continue
+        r, d = comp.rate, comp.dim
+        ape = torch.full((r, 2 * d), -strength)
+        for s in range(r):
+            ape[s, d + s * d // r: d + (s + 1) * d // r] = strength
+        ape[:, d:][ape[:, d:] < 0] = 0.0
+        comp.ape.copy_(ape)
 
 
 def export_state(model: Transformer) -> dict:
@@ -182,16 +205,16 @@ def step_rng(seed: int, step: int, salt: int = 0) -> random.Random:
 
 
 def make_batch(step_seed: random.Random, pool, tok, T: int, B: int, lm_rate: float, variant: str = "train",
-               recap: bool = True):
+               recap: bool = True, mix=None, task_opts=None):
     """Token ids [B, T] plus loss bookkeeping for one batch of fresh examples."""
     ids = torch.full((B, T), PAD, dtype=torch.long)
     lm_pos, ans, meta = [], [], []
     for b in range(B):
         for attempt in range(20):
             r = step_seed.random()
-            kind = next(k for k, c in _cum(MIX) if r < c)
+            kind = next(k for k, c in _cum(mix or MIX) if r < c)
             ex = tasks.make_example(kind, step_seed, pool, T - 8 - 6 * attempt - (60 if recap else 0), variant,
-                                    **TASK_OPTS)
+                                    **(TASK_OPTS if task_opts is None else task_opts))
             if recap and step_seed.random() < RECAP_P:
                 tasks.add_recap(ex, step_seed)
             ex = tasks.render(ex, tok)
@@ -218,7 +241,7 @@ def make_batch(step_seed: random.Random, pool, tok, T: int, B: int, lm_rate: flo
                     vp = list(range(vs, ve))
                 ents = sorted({w for p in vp for w in entry_targets(p, t, 4)})
                 if ents:
-                    sup.append((t, ents))
+                    sup.append((t, ents, vp[0] if len(vp) == 1 else None))
         for a, b, c, d in ex.copy_tokens:  # recap copies: like answers, supervised toward the source entries
             for j, t in enumerate(range(c - 1, d - 1)):
                 if t in ans_set or t < 0:
@@ -228,7 +251,7 @@ def make_batch(step_seed: random.Random, pool, tok, T: int, B: int, lm_rate: flo
                 ans_set.add(t)
                 ents = entry_targets(a + j, t, 4)
                 if ents:
-                    sup.append((t, ents))
+                    sup.append((t, ents, a + j))
         g = torch.Generator().manual_seed(step_seed.randrange(1 << 30))
         cand = torch.arange(n - 1)
         keep = torch.rand(n - 1, generator=g) < lm_rate
@@ -280,10 +303,16 @@ def forward_losses(model, probe, ids, lm_pos, ans, args, kl_seed: int, device):
     with torch.no_grad():
         pred = logits.argmax(-1)
         stats["ans_tok_acc"] = (pred[is_ans] == tg[is_ans]).float().mean().item() if is_ans.any() else float("nan")
+    if args.w_read and is_ans.any():
+        ai = is_ans.nonzero()[:, 0]
+        read = F.cross_entropy(probe.read_logits(rows.to(device)[ai], cols.to(device)[ai]), tg[ai])
+        loss = loss + args.w_read * read
+        stats["read"] = read.item()
     g = torch.Generator().manual_seed(kl_seed)
     klp = [kl_positions(g, int((ids[b] != PAD).sum()) - 1, args.kl_queries) for b in range(B)]
     aux = probe.losses(cache, [a[2] for a in ans], klp)
-    for name, w in (("csa_sup", args.w_csa), ("idx_sup", args.w_idx), ("idx_kl", args.w_kl)):
+    for name, w in (("csa_sup", args.w_csa), ("idx_sup", args.w_idx), ("idx_kl", args.w_kl),
+                    ("slot_sup", args.w_slot)):
         if aux[name] is not None:
             loss = loss + w * aux[name]
             stats[name] = aux[name].item()
@@ -368,11 +397,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 is several times faster than 2 on the shared 2-core machine")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--lm-rate", type=float, default=0.1)
+    ap.add_argument("--lm-rate", type=float, default=0.02)
     ap.add_argument("--w-answer", type=float, default=4.0)
-    ap.add_argument("--w-csa", type=float, default=5.0)
+    ap.add_argument("--w-csa", type=float, default=0.0)
     ap.add_argument("--w-idx", type=float, default=2.0)
     ap.add_argument("--w-kl", type=float, default=0.5)
+    ap.add_argument("--w-read", type=float, default=2.0,
+                    help="CE of the answer token read straight off the CSA attention output (copy-circuit aid)")
+    ap.add_argument("--w-slot", type=float, default=3.0,
+                    help="per-head CE: head (p mod rate) of the CSA layer toward the entry of token p being copied")
     ap.add_argument("--kl-queries", type=int, default=48)
     ap.add_argument("--ckpt-minutes", type=float, default=10.0)
     ap.add_argument("--eval-every", type=int, default=100)
@@ -382,13 +415,16 @@ def main(argv=None) -> int:
     ap.add_argument("--experiment", default=None, help="JSON overrides for experiments: "
                     '{"mix": [["niah", 1.0]], "task": {"max_needles": 1}, "stages": [[name, steps, T, B, dense, lr, {}]]}')
     args = ap.parse_args(argv)
-    global MIX, TASK_OPTS
+    global MIX, TASK_OPTS, RECAP_P, INIT
     stages_override = None
     if args.experiment:
         exp = json.loads(args.experiment)
         MIX = tuple(tuple(x) for x in exp.get("mix", MIX))
         TASK_OPTS = exp.get("task", {})
+        RECAP_P = exp.get("recap_p", RECAP_P)
+        INIT = exp.get("init", INIT)
         stages_override = [tuple(x) for x in exp["stages"]] if "stages" in exp else None
+        CONFIG.update(exp.get("config", {}))
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -431,7 +467,7 @@ def main(argv=None) -> int:
     for si, (name, steps, T, B, dense, lr_peak, opts) in enumerate(stages):
         end = begin + steps
         sched_off, sched_len = opts.get("sched", (0, steps))
-        for k, v in base_args.items():  # per-stage loss-weight overrides
+        for k, v in base_args.items():  # per-stage loss-weight overrides ("mix" and "task": data overrides)
             setattr(args, k, opts.get(k, v))
         while step < end:
             if args.max_steps is not None and step >= args.max_steps:
@@ -443,7 +479,8 @@ def main(argv=None) -> int:
             for gparam in opt.param_groups:
                 gparam["lr"] = lr
             rng = step_rng(args.seed, step)
-            ids, lm_pos, ans, meta = make_batch(rng, pool, tok, T, B, args.lm_rate)
+            ids, lm_pos, ans, meta = make_batch(rng, pool, tok, T, B, args.lm_rate, mix=opts.get("mix"),
+                                                task_opts=opts.get("task"))
             with dense_csa(model, dense):
                 loss, st = forward_losses(model, probe, ids, lm_pos, ans, args, rng.randrange(1 << 30), device)
             opt.zero_grad(set_to_none=True)
