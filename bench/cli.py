@@ -287,6 +287,9 @@ def load_sets(paths) -> list[dict]:
     return sets
 
 
+KEEP_MARKER = "<!-- sections below are written by other commands; python -m bench --write-md keeps them -->"
+
+
 def write_md(sets: list[dict], md_path: Path, results: Path = RESULTS, command: str | None = None) -> None:
     md_path = md_path.resolve()
     results.mkdir(parents=True, exist_ok=True)
@@ -297,5 +300,8 @@ def write_md(sets: list[dict], md_path: Path, results: Path = RESULTS, command: 
         rel = os.path.relpath(svg, md_path.parent)
     except ValueError:
         rel = str(svg)
-    md_path.write_text(report.markdown(sets, rel, command))
+    kept = ""  # sections measured by other commands (the load test, ...) below the marker survive a rewrite
+    if md_path.is_file() and KEEP_MARKER in md_path.read_text():
+        kept = md_path.read_text().split(KEEP_MARKER, 1)[1]
+    md_path.write_text(report.markdown(sets, rel, command).rstrip("\n") + "\n\n" + KEEP_MARKER + kept)
     _log(f"wrote {md_path}, {svg} and {results / 'benchmarks.json'}")

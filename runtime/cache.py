@@ -84,7 +84,9 @@ class Cache:
     `index_dtype` stores the lightning indexer's keys in that dtype (None: the model's). bf16 halves
     the bytes the indexer streams per query -- its whole cost at long context -- and scores run as
     bf16 matmuls (AMX on CPU); DeepSeek-V4 itself keeps these keys in FP8. Both attention paths read
-    the same keys, so the sparse path stays equal to the eager reference.
+    the same keys, but a bf16 matmul rounds each score to bf16 after an accumulation whose order depends
+    on the call's shape: chunked vs whole and sparse vs eager then agree to one bf16 ulp of the scores,
+    and a near-tie at the k-th pick can flip (tests/test_cache.py::test_bf16_indexer_keys).
     """
 
     def __init__(self, config: ModelConfig, batch_size: int = 1, index_dtype: torch.dtype | None = None):

@@ -14,10 +14,11 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.slow
 def test_bench_end_to_end(tmp_path):
     """One length through a worker process, --compare against transformers and eager, markdown + plot."""
-    from bench.cli import main
+    from bench.cli import KEEP_MARKER, main
     from bench.split import CATEGORIES
 
     out, md = tmp_path / "r.json", tmp_path / "B.md"
+    md.write_text("an older page\n" + KEEP_MARKER + "\n## Load test\n\nmeasured elsewhere\n")
     # index_topk >= the number of entries: no exact indexer ties (ReLU zeros), whose order is arbitrary in
     # both implementations, so the logits must agree to fp32 rounding
     rc = main(["--config", "micro", "--set", "index_topk=512", "--contexts", "1024", "--chunk", "300",
@@ -51,6 +52,7 @@ def test_bench_end_to_end(tmp_path):
     assert r["decode_ref_context"] == 512 and r["decode_ratio_vs_ref"] > 0
     text = md.read_text()
     assert "## Targets" in text and "benchmarks.svg" in text and "| 1,024 |" in text
+    assert "an older page" not in text and text.endswith(KEEP_MARKER + "\n## Load test\n\nmeasured elsewhere\n")
     assert (tmp_path / "benchmarks.svg").read_text().startswith("<svg")
 
 

@@ -122,3 +122,32 @@ def test_eval_plot_and_merge(tmp_path):
     assert svg.startswith("<svg") and svg.count("<rect") == 1 + 4 and "1M tokens" in svg and "4k tokens" in svg
     cell = 'font-weight="600">{}</text>'
     assert svg.count(cell.format("1.00")) == 2 and svg.count(cell.format("0.50")) == 2
+
+
+def test_ask_json_finds_a_needle_among_many_files(tmp_path, pool):
+    """Issue 4's end-to-end bar with the shipped model: `python -m runtime ask --json` over 40 files of
+    held-out text, a fact planted at a known line of one of them: the answer is the value, and that file,
+    with a line range holding that line, is among the first three sources."""
+    import subprocess
+
+    rng = random.Random(11)
+    tree = tmp_path / "notes"
+    tree.mkdir()
+    target, line_no = None, None
+    for i in range(40):
+        body = pool.text(300, rng).splitlines()
+        if i == 23:
+            line_no = len(body) // 2 + 1
+            body.insert(line_no - 1, "The access code for the misty lighthouse is 5820417.")
+            target = f"notes/part{i:02d}.txt"
+        (tree / f"part{i:02d}.txt").write_text("\n".join(body) + "\n")
+    argv = [sys.executable, "-m", "runtime", "ask", "--corpus", "notes", "--question",
+            "What is the access code for the misty lighthouse?", "--max-new-tokens", "12", "--json"]
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["timings"]["corpus_tokens"] > 8_000
+    assert out["answer"].strip() == "5820417", out["answer"]
+    top = out["sources"][:3]
+    assert any(s["file"] == target and s["line_start"] <= line_no <= s["line_end"] for s in top), top

@@ -16,7 +16,11 @@ Losses (all means over the queries they apply to):
   being copied (-log of the softmax mass on that set);
 * ``idx_sup``: the same on the indexer scores;
 * ``idx_kl``: KL(p || softmax(I)) where p is the main attention over compressed entries, averaged over
-  heads and renormalised (detached) -- V3.2's indexer objective, computed densely over all visible entries.
+  heads and renormalised (detached) -- V3.2's indexer objective, computed densely over all visible entries;
+* ``slot_sup``: per head: head ``p mod rate`` toward the entry whose own window holds the copied token
+  ``p`` (train/train.py explains the slot layout this goes with);
+* ``read_logits``: the CSA attention output read through the output head, for a cross-entropy on the
+  answer token (computed in train/train.py).
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ STAGES = [
     # the copy circuit forms fastest on needles alone (numeric values of 4-8 digits), then all three skills
     ("niah-320", 1000, 320, 4, True, 2e-3, {"mix": [["niah", 1.0]], "task": {"value_fmt": "number:4-8",
                                                                          "max_needles": 4}}),
-    ("mix-384", 1000, 384, 4, True, 1.5e-3, {}),
+    ("mix-384", 2600, 384, 4, True, 1.5e-3, {}),
     ("sparse-1024", 300, 1024, 2, False, 1e-3, {}),
     ("sparse-2048", 100, 2048, 1, False, 7e-4, {}),
 ]
