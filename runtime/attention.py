@@ -199,10 +199,11 @@ class Attention(nn.Module):
         return self.wo_b(u.flatten(2))
 
     # -----------------------------------------------------------------------------------------
-    def _window_mask(self, positions: torch.Tensor, n_keys: int) -> torch.Tensor:
-        """[S, n_keys] True where key j (the last S of n_keys are the new tokens) is in query i's window."""
+    def _window_mask(self, positions: torch.Tensor, n_keys: int, start: int = 0) -> torch.Tensor:
+        """[S, n_keys - start] True where key j (the last S of n_keys are the new tokens; columns from key
+        `start` on) is in query i's window."""
         S = positions.shape[0]
-        kidx = torch.arange(n_keys, device=positions.device)
+        kidx = torch.arange(start, n_keys, device=positions.device)
         qidx = torch.arange(S, device=positions.device) + (n_keys - S)
         return (kidx[None] <= qidx[:, None]) & (kidx[None] > qidx[:, None] - self.window)
 
@@ -253,7 +254,7 @@ class Attention(nn.Module):
             qb, pos = q[:, qs:qe], positions[qs:qe]
             k0 = max(0, off + qs - self.window + 1)  # first key any query of the block can see
             kw = keys[:, k0 : off + qe]  # [B, Lb, d]
-            band = self._window_mask(pos, off + qe)[:, k0:]  # [Sq, Lb]
+            band = self._window_mask(pos, off + qe, k0)  # [Sq, Lb]
             lw = torch.einsum("bqhd,bkd->bhqk", qb, kw) * scale
             lw = lw.masked_fill(~band, NEG_INF)
             sel = sel_scores = kc = None

@@ -115,12 +115,15 @@ CONFIG = {
 # stage inside a longer warmup+cosine schedule (so a stage can change loss weights mid-schedule); any other
 # key overrides the command-line loss weight of that name for the stage.
 STAGES = [
-    # the copy circuit forms fastest on needles alone (numeric values of 4-8 digits), then all three skills
+    # the copy circuit forms fastest on needles alone (numeric values of 4-8 digits), then all three skills,
+    # then needles again (up to 6 per example, as many as the evaluation plants) while the rate anneals
     ("niah-320", 1000, 320, 4, True, 2e-3, {"mix": [["niah", 1.0]], "task": {"value_fmt": "number:4-8",
                                                                          "max_needles": 4}}),
-    ("mix-384", 2600, 384, 4, True, 1.5e-3, {}),
-    ("sparse-1024", 300, 1024, 2, False, 1e-3, {}),
-    ("sparse-2048", 100, 2048, 1, False, 7e-4, {}),
+    ("mix-384", 600, 384, 4, True, 1.5e-3, {"sched": (0, 2600)}),
+    ("niah-384", 1200, 384, 4, True, 1e-3, {"mix": [["niah", 0.85], ["kv", 0.15]],
+                                            "task": {"value_fmt": "number", "max_needles": 6}}),
+    ("sparse-1024", 300, 1024, 2, False, 5e-4, {"mix": [["niah", 0.7], ["kv", 0.2], ["continue", 0.1]]}),
+    ("sparse-2048", 100, 2048, 1, False, 3e-4, {}),
 ]
 SMOKE_STAGES = [("smoke-dense-384", 120, 384, 4, True, 2e-3, {}), ("smoke-sparse-512", 20, 512, 2, False, 1e-3, {})]
 MIX = (("niah", 0.7), ("kv", 0.2), ("continue", 0.1))
