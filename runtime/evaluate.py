@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import html
 import importlib.util
 import json
 import math
@@ -179,10 +180,13 @@ def _selection(model, capture: Capture, query_pos: int, value_tokens: tuple[int,
 
 def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5, 0.75, 1.0), seed: int = 0,
              haystack_paths=None, n: int = 4, chunk: int = 8192, model=None, tokenizer=None,
-             max_new_tokens: int | None = None, progress=None, pool=None, values: str = "number") -> list[dict]:
+             max_new_tokens: int | None = None, progress=None, pool=None, values: str = "number",
+             per_haystack: str = "one") -> list[dict]:
     """One dict per (length, depth): kind, length, depth, n, correct, accuracy, recall, rank, first, tokens
     (mean prompt length), seconds (mean wall time per haystack of that length: prefill + all its questions),
-    seed, examples (question, answer, output, ok, recall, ranks, first, prompt tokens)."""
+    seed, examples (question, answer, output, ok, recall, ranks, first, prompt tokens).
+    per_haystack "all": each haystack holds one item per depth (the others are distractors for each
+    question); "one": every depth gets haystacks of its own with a single item (classic NIAH)."""
     from .model import load_model
     from .tokenizer import Tokenizer
 
@@ -206,11 +210,14 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
             pool = T.TokenPool.corpus("heldout", need, tok)
     cells = {(L, d): [] for L in lengths for d in depths}
     secs = {L: 0.0 for L in lengths}
+    if per_haystack not in ("all", "one"):
+        raise ValueError(f"per_haystack must be 'all' or 'one', got {per_haystack!r}")
+    groups = [depths] if per_haystack == "all" else [[d] for d in depths]
     for L in lengths:
-        for i in range(n):
-            rng = random.Random(f"{seed}:{kind}:{L}:{i}")
+        for i, group in ((i, g) for i in range(n) for g in groups):
+            rng = random.Random(f"{seed}:{kind}:{L}:{i}" + ("" if per_haystack == "all" else f":{group[0]}"))
             t0 = time.time()
-            hay, qas = build_case(kind, rng, pool, tok, L, depths, values=values)
+            hay, qas = build_case(kind, rng, pool, tok, L, group, values=values)
             prompts = []
             for qa in qas:
                 content = hay + "\n\n" + qa.question
@@ -242,8 +249,8 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
                 del c, cap
             secs[L] += time.time() - t0
             if progress is not None:
-                progress(f"{kind} L={L} haystack {i + 1}/{n}: "
-                         f"{sum(e['ok'] for d in depths for e in cells[(L, d)][-1:])}/{len(qas)} right, "
+                progress(f"{kind} L={L} haystack {i + 1}/{n} (depths {group}): "
+                         f"{sum(e['ok'] for d in group for e in cells[(L, d)][-1:])}/{len(qas)} right, "
                          f"{time.time() - t0:.1f}s")
             del cache
     results = []
@@ -259,7 +266,8 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
                 rank=(sum(hits) / len(hits)) if hits else None,
                 first=(sum(e["first"] for e in ex) / len(ex)) if ex else None,
                 tokens=round(sum(e["tokens"] for e in ex) / len(ex)) if ex else None,
-                seconds=round(secs[L] / max(1, n), 2), seed=seed, examples=ex))
+                seconds=round(secs[L] / max(1, n * len(groups)), 2), seed=seed, per_haystack=per_haystack,
+                examples=ex))
     return results
 
 
@@ -296,6 +304,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--values", choices=("number", "code", "words", "mixed"), default="number",
                         help="niah value format: number = 3-8 digits, as RULER's passkeys (default); code = "
                              "'QX-4471-B'; words = 'falcon-12'; mixed = 60/25/15%% of those")
+    parser.add_argument("--per-haystack", choices=("one", "all"), default="one",
+                        help="one: a haystack per depth with a single planted item (classic needle in a "
+                             "haystack; default); all: one haystack holds an item per depth, so each question "
+                             "has the other items as distractors (multi-key, harder)")
     parser.add_argument("--haystack", action="extend", nargs="+", default=None, metavar="PATH",
                         help="files or folders to cut haystacks from (default: the held-out corpus split)")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder (default: assets/model)")
@@ -308,6 +320,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="earlier --json outputs to merge into the table and the plot (cells of this kind)")
     parser.add_argument("--plot", default=None, metavar="SVG",
                         help="write an exact-match heatmap (length x depth, with selection recall) to this file")
+    parser.add_argument("--title", default=None, help="the plot's title (default: kind and what the cells show)")
     parser.add_argument("--render-only", action="store_true",
                         help="run nothing: render --include files only (table, --plot)")
     return parser
@@ -332,11 +345,11 @@ def svg_heatmap(results: list[dict], title: str) -> str:
     depths = sorted({r["depth"] for r in results})
     cell = {(r["length"], r["depth"]): r for r in results}
     cw, ch, left, top = 92, 46, 96, 56
-    w, h = left + cw * len(depths) + 20, top + ch * len(lengths) + 52
+    w, h = max(left + cw * len(depths) + 20, 720), top + ch * len(lengths) + 52  # room for title and key
     o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
          'font-family="system-ui, sans-serif" font-size="12">',
          f'<rect width="{w}" height="{h}" fill="white"/>',
-         f'<text x="{left}" y="22" font-size="14" font-weight="600">{title}</text>',
+         f'<text x="{left}" y="22" font-size="14" font-weight="600">{html.escape(title)}</text>',
          f'<text x="{left}" y="40" fill="#555">needle depth (0 = start of the haystack) &#8594;</text>']
     for j, d in enumerate(depths):
         o.append(f'<text x="{left + j * cw + cw / 2}" y="{top - 4}" text-anchor="middle">{d:.2f}</text>')
@@ -381,11 +394,12 @@ def main_eval(args) -> int:
     progress = lambda msg: print(msg, file=sys.stderr, flush=True)
     results = [] if args.render_only else evaluate(
         args.kind, args.model, args.lengths, args.depths, args.seed, args.haystack, n=args.n, chunk=args.chunk,
-        progress=progress, values=args.values)
+        progress=progress, values=args.values, per_haystack=args.per_haystack)
     if args.plot:
         merged = {(r["length"], r["depth"]): r for r in load_results(args.include, args.kind) + results}
         cells = sorted(merged.values(), key=lambda r: (r["length"], r["depth"]))
-        Path(args.plot).write_text(svg_heatmap(cells, f"{args.kind}: exact match by context length and depth"))
+        Path(args.plot).write_text(svg_heatmap(cells, args.title or f"{args.kind}: exact match by context length "
+                                                                       f"and depth"))
         print(f"wrote {args.plot}", file=sys.stderr)
         if args.render_only:
             results = cells

@@ -358,7 +358,9 @@ def test_build_corpus_names(tmp_path):
 
 @pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="no trained model in assets/model yet")
 def test_trained_model_finds_the_planted_fact(tmp_path):
-    """The shipped model, end to end: the sample corpus, its question, the answer and the right file."""
+    """The shipped model, end to end: the sample corpus, its question, the answer and the right file; then two
+    uploaded files (the fact in one of them) and the same question. (Telling two planted facts apart by their
+    key is beyond this checkpoint: assets/model/MODEL_CARD.md.)"""
     demo, url = launch_app(SHIPPED, tmp_path / "snapshots")
     try:
         c = client(url)
@@ -366,11 +368,16 @@ def test_trained_model_finds_the_planted_fact(tmp_path):
         assert "Corpus ready" in status
         chat, chips, _ = c.predict("What is the access code for the misty lighthouse?", 16, 0.0, -1, api_name="/ask")
         ws = demo.longlens.registry.peek(c.session_hash)
-        assert text_of(chat[-1]).strip() and ws.provenance.sources  # the shipped model answers, with sources
-        if "5820417" not in text_of(chat[-1]):
-            pytest.xfail("the shipped checkpoint selects the needle's block but does not copy the value yet "
-                         "(assets/model/MODEL_CARD.md)")
+        assert text_of(chat[-1]).split("\n")[0].strip() == "5820417" and ws.provenance.sources
         assert ws.provenance.sources[0].file == "examples/lighthouse_log.md"
         assert "examples/lighthouse_log.md" in chips
+
+        d = client(url)
+        examples = SHIPPED.parent / "examples"
+        assert "Corpus ready" in load(d, [examples / "lighthouse_log.md", examples / "tides.csv"])[0]
+        chat, chips, _ = d.predict("What is the access code for the misty lighthouse?", 16, 0.0, -1, api_name="/ask")
+        wd = demo.longlens.registry.peek(d.session_hash)
+        assert text_of(chat[-1]).split("\n")[0].strip() == "5820417"
+        assert wd.provenance.sources[0].file == "lighthouse_log.md" and "lighthouse_log.md" in chips
     finally:
         demo.close()

@@ -147,3 +147,60 @@ def entry_targets(value_pos: int, query_pos: int, rate: int) -> list[int]:
     """CSA entries that pool token ``value_pos``: its own window's entry and the next one (overlap)."""
     w = value_pos // rate
     return [e for e in (w, w + 1) if e < (query_pos + 1) // rate]
+
+
+class HCAProbe:
+    """Share of an HCA layer's attention that goes to its compressed entries, differentiably, at sampled
+    query positions. Training sequences here are short (an HCA layer sees 3 entries at 384 tokens, 8192 at
+    1M), and a softmax over more and more entries hands them more and more of the mass: a penalty on that
+    share teaches the layer to keep its entries' logits low unless they earn their place, so what it adds
+    does not grow with the context."""
+
+    def __init__(self, model, layer: int):
+        self.model, self.layer = model, layer
+        self.attn = model.layers[layer].attn
+        self.x = None
+        self._h = self.attn.register_forward_pre_hook(lambda mod, args: setattr(self, "x", args[0]))
+
+    def entry_mass(self, cache, n_queries: int, g: torch.Generator, as_if_entries: int | None = None
+                   ) -> torch.Tensor | None:
+        """Mean share of attention on compressed entries. `as_if_entries`: the share they would take if each
+        query saw that many entries with the same logits (each entry's weight scaled by as_if / visible):
+        a short training sequence then stands in for a 1M-token one."""
+        a, x = self.attn, self.x
+        B, T, _ = x.shape
+        rate, W = a.rate, a.window
+        entries = cache.layers[self.layer].kv.entries.view()  # [B, N, d] attached
+        if entries is None or T <= rate:
+            return None
+        dev = x.device
+        pos = torch.randint(rate - 1, T, (n_queries,), generator=g).to(dev)  # queries that see >= 1 entry
+        cos_all, sin_all = rope_cos_sin(a.inv_freq, torch.arange(T, device=dev), x.dtype)
+        masses = []
+        for b in range(B):
+            kv = apply_rope(a.kv_norm(a.wkv(x[b])), cos_all, sin_all)  # [T, d]
+            xq = x[b][pos]
+            q = unweighted_rms_norm(a.wq_b(a.q_norm(a.wq_a(xq))).view(len(pos), a.n_heads, a.head_dim),
+                                    a.cfg.rms_norm_eps)
+            q = apply_rope(q, cos_all[pos][:, None], sin_all[pos][:, None])  # [Q, H, d]
+            widx = pos[:, None] - torch.arange(W, device=dev)[None]  # [Q, W] window keys (p-W+1 .. p)
+            wvalid = widx >= 0
+            wk = kv[widx.clamp(min=0)]  # [Q, W, d]
+            lw = torch.einsum("qhd,qwd->hqw", q, wk) * a.head_dim ** -0.5
+            lw = lw.masked_fill(~wvalid[None], float("-inf"))
+            ent = entries[b]
+            le = torch.einsum("qhd,nd->hqn", q, ent) * a.head_dim ** -0.5
+            visible = torch.arange(ent.shape[0], device=dev)[None] < ((pos + 1) // rate)[:, None]
+            le = le.masked_fill(~visible[None], float("-inf"))
+            sink = a.attn_sink.float().view(-1, 1, 1).expand(-1, len(pos), 1)
+            le = le.float()
+            if as_if_entries:
+                n_vis = visible.sum(-1).clamp(min=1).float()  # [Q]
+                le = le + torch.log(as_if_entries / n_vis)[None, :, None]
+            lse_e = torch.logsumexp(le, dim=-1)  # [H, Q]
+            lse_all = torch.logsumexp(torch.cat([lw.float(), sink, lse_e[..., None]], dim=-1), dim=-1)
+            masses.append(torch.exp(lse_e - lse_all).mean())
+        return torch.stack(masses).mean()
+
+    def remove(self):
+        self._h.remove()

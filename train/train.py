@@ -64,7 +64,7 @@ import torch.nn.functional as F  # noqa: E402
 from runtime.config import CSA, HCA, SLIDING, ModelConfig  # noqa: E402
 from runtime.model import Transformer  # noqa: E402
 from runtime.tokenizer import Tokenizer  # noqa: E402
-from retrieval_losses import CSAProbe, entry_targets  # noqa: E402
+from retrieval_losses import CSAProbe, HCAProbe, entry_targets  # noqa: E402
 import tasks  # noqa: E402
 
 CONFIG = {
@@ -120,10 +120,15 @@ STAGES = [
     ("niah-320", 1000, 320, 4, True, 2e-3, {"mix": [["niah", 1.0]], "task": {"value_fmt": "number:4-8",
                                                                          "max_needles": 4}}),
     ("mix-384", 600, 384, 4, True, 1.5e-3, {"sched": (0, 2600)}),
-    ("niah-384", 1200, 384, 4, True, 1e-3, {"mix": [["niah", 0.85], ["kv", 0.15]],
-                                            "task": {"value_fmt": "number", "max_needles": 6}}),
-    ("sparse-1024", 300, 1024, 2, False, 5e-4, {"mix": [["niah", 0.7], ["kv", 0.2], ["continue", 0.1]]}),
-    ("sparse-2048", 100, 2048, 1, False, 3e-4, {}),
+    ("niah-384", 800, 384, 4, True, 1e-3, {"mix": [["niah", 0.85], ["kv", 0.15]], "sched": (0, 1200),
+                                           "task": {"value_fmt": "number", "max_needles": 6}}),
+    # long sequences last: the HCA layer must meet many entries (32 at 4,096 tokens, not 3 at 384) and the
+    # CSA layer the real top-k, or accuracy falls with length; the HCA penalty (HCAProbe) keeps the share
+    # of attention its entries take from growing with their number
+    ("sparse-1024", 200, 1024, 2, False, 5e-4, {"mix": [["niah", 0.7], ["kv", 0.2], ["continue", 0.1]],
+                                                "w_hca": 2.0}),
+    ("sparse-4096", 150, 4096, 1, False, 4e-4, {"mix": [["niah", 0.8], ["kv", 0.2]], "w_hca": 2.0,
+                                                "task": {"value_fmt": "number", "max_needles": 6}}),
 ]
 SMOKE_STAGES = [("smoke-dense-384", 120, 384, 4, True, 2e-3, {}), ("smoke-sparse-512", 20, 512, 2, False, 1e-3, {})]
 MIX = (("niah", 0.7), ("kv", 0.2), ("continue", 0.1))
@@ -281,7 +286,7 @@ def kl_positions(g: torch.Generator, n_valid: int, k: int, min_pos: int = 64) ->
 
 
 # --------------------------------------------------------------------------------------------- step
-def forward_losses(model, probe, ids, lm_pos, ans, args, kl_seed: int, device):
+def forward_losses(model, probe, ids, lm_pos, ans, args, kl_seed: int, device, hca_probe=None):
     B, T = ids.shape
     cache = model.new_cache(B)
     h = model.hidden(ids.to(device), cache)  # [B, T, D]
@@ -322,6 +327,12 @@ def forward_losses(model, probe, ids, lm_pos, ans, args, kl_seed: int, device):
     for name in ("idx_hit", "csa_top1"):
         if aux[name] is not None:
             stats[name] = aux[name].item()
+    if hca_probe is not None and args.w_hca:
+        mass = hca_probe.entry_mass(cache, 32, torch.Generator().manual_seed(kl_seed + 1),
+                                    as_if_entries=args.hca_as_if or None)
+        if mass is not None:
+            loss = loss + args.w_hca * mass
+            stats["hca_mass"] = mass.item()
     stats["loss"] = loss.item()
     return loss, stats
 
@@ -409,6 +420,10 @@ def main(argv=None) -> int:
                     help="CE of the answer token read straight off the CSA attention output (copy-circuit aid)")
     ap.add_argument("--w-slot", type=float, default=3.0,
                     help="per-head CE: head (p mod rate) of the CSA layer toward the entry of token p being copied")
+    ap.add_argument("--w-hca", type=float, default=0.0,
+                    help="penalty on the HCA layer's attention share on its compressed entries (length robustness)")
+    ap.add_argument("--hca-as-if", type=int, default=0,
+                    help="with --w-hca: penalise the share the HCA entries would take if there were this many")
     ap.add_argument("--kl-queries", type=int, default=48)
     ap.add_argument("--ckpt-minutes", type=float, default=10.0)
     ap.add_argument("--eval-every", type=int, default=100)
@@ -460,6 +475,8 @@ def main(argv=None) -> int:
     print(f"pools: train {len(pool)} tokens, heldout {len(heldout)} tokens ({time.time() - t0:.0f}s)", flush=True)
     csa_layer = next(i for i, t in enumerate(model.config.layer_types) if t == CSA)
     probe = CSAProbe(model, csa_layer)
+    hca_layer = next((i for i, t in enumerate(model.config.layer_types) if t == HCA), None)
+    hca_probe = HCAProbe(model, hca_layer) if hca_layer is not None else None
     balancer = BiasBalancer(model)
     log = open(out / "log.jsonl", "a")
     model.train()
@@ -485,7 +502,8 @@ def main(argv=None) -> int:
             ids, lm_pos, ans, meta = make_batch(rng, pool, tok, T, B, args.lm_rate, mix=opts.get("mix"),
                                                 task_opts=opts.get("task"))
             with dense_csa(model, dense):
-                loss, st = forward_losses(model, probe, ids, lm_pos, ans, args, rng.randrange(1 << 30), device)
+                loss, st = forward_losses(model, probe, ids, lm_pos, ans, args, rng.randrange(1 << 30), device,
+                                          hca_probe)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()

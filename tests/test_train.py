@@ -1,0 +1,69 @@
+"""Training-only code (train/): the auxiliary probes recompute exactly what the runtime computes, and the
+structured init lays the CSA compressor's slots out as documented."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import runtime
+from runtime.config import HCA, ModelConfig
+from runtime.model import Transformer
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "train"))
+
+import retrieval_losses  # noqa: E402
+
+
+def _load(name: str, path: Path):
+    """train/train.py by path: `import train` can resolve to the train/ folder as a namespace package."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+T = _load("longlens_train_script", REPO / "train" / "train.py")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = dict(T.CONFIG, hidden_size=64, head_dim=32, qk_rope_head_dim=8, partial_rotary_factor=0.25, q_lora_rank=32, o_lora_rank=16,
+               index_head_dim=16, moe_intermediate_size=32)
+    return Transformer(ModelConfig.from_dict(cfg)).init_weights(3).eval()
+
+
+def test_hca_probe_matches_the_runtime(model):
+    layer = model.config.layer_types.index(HCA)
+    probe = retrieval_losses.HCAProbe(model, layer)
+    ids = torch.randint(5, 8000, (1, 700), generator=torch.Generator().manual_seed(1))
+    cap, cache = runtime.Capture(), model.new_cache()
+    with torch.no_grad():
+        model(ids, cache, capture=cap)
+        pos = torch.randint(127, 700, (16,), generator=torch.Generator().manual_seed(2))
+        mass = probe.entry_mass(cache, 16, torch.Generator().manual_seed(2))
+        as_if = probe.entry_mass(cache, 16, torch.Generator().manual_seed(2), as_if_entries=8192)
+    assert mass.item() == pytest.approx(cap.record(layer).mass[0, pos, 1].mean().item(), rel=1e-4, abs=1e-6)
+    assert as_if > mass  # the same logits over 8,192 entries take a larger share
+    probe.remove()
+
+
+def test_slot_layout(model):
+    with torch.no_grad():
+        T.slot_layout(model, 5.0)
+    for blk in model.layers:
+        if blk.attn.indexer is None:
+            continue
+        comp = blk.attn.compressor
+        r, d = comp.rate, comp.dim
+        ape = comp.ape.detach()  # [r, 2d]: previous window's half, then the current window's
+        alpha = torch.softmax(torch.cat([ape[:, :d], ape[:, d:]], 0), dim=0)  # [2r slots, d]: bias alone
+        for s in range(r):
+            ch = slice(s * d // r, (s + 1) * d // r)
+            assert (alpha[r + s, ch] > 0.95).all()  # channel group s reads token s of the current window
+        assert (alpha[:r] < 0.01).all()  # the previous window's half starts switched off
