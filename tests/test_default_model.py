@@ -157,7 +157,7 @@ def test_ask_json_finds_a_needle_among_many_files(tmp_path, pool):
 
 
 def test_two_hundred_stdlib_files_ingest_and_answer(tmp_path):
-    """Issue 4: about 200 files of a real source tree (small CPython stdlib modules, ~85k tokens) ingest and
+    """Issue 4: about 200 files of a real source tree (small CPython stdlib modules, ~77k tokens) ingest and
     answer with the shipped model: an answer, and sources that are files of that tree with real line ranges.
     (A fact planted in one of them is not reliably copied back at this size: see the model card.)"""
     from runtime.engine import Answer, Engine, GenerationParams
