@@ -13,10 +13,6 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Keep freed large blocks in the process instead of returning them to the OS: big temporaries are
-# otherwise page-faulted again on every chunk (measured 2x on long prefills). Must be set before
-# the allocator first runs, hence the re-exec below.
-_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 
 ROOT = Path(__file__).resolve().parent
 
@@ -71,14 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if any(os.environ.get(k) != v for k, v in _MALLOC.items()) and not os.environ.get("LONGLENS_NO_REEXEC"):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC, "LONGLENS_NO_REEXEC": "1"})
     auth = parse_auth(args.auth)
     if args.share and not auth:
         print("WARNING: --share without --auth: anyone with the link can use this app and its compute.",
               file=sys.stderr)
 
     from app import Settings, build_demo
+    from app.sessions import malloc_defaults
+
+    malloc_defaults()  # glibc's own trimming while idle; prefills tune it for themselves (large_allocations)
 
     settings = Settings(
         model_dir=args.model, device=args.device, dtype=args.dtype, max_file_bytes=parse_size(args.max_file_size),

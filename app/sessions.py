@@ -21,7 +21,6 @@ The registry only needs this from a workspace (see app/workspace.py):
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import shutil
@@ -30,6 +29,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Generic, Iterator, TypeVar
+
+import runtime
 
 W = TypeVar("W")
 SAVING = "saving"  # busy marker while a workspace is being spilled
@@ -47,20 +48,45 @@ def process_spill_dir(root: str | Path) -> Path:
 
 
 def give_back_memory() -> None:
-    """Return the heap's free pages to the OS (glibc `malloc_trim`; elsewhere nothing). launch.py tells
-    glibc never to trim on its own (prefill temporaries would be page-faulted again on every chunk), so
-    without this a session's memory stays with the process after the session is gone."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
+    """Return the heap's free pages to the OS (glibc `malloc_trim`; elsewhere nothing)."""
+    runtime.trim_heap()
 
 
-_TRIM = None
+# glibc mallopt parameters and their defaults (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+_TUNED = {_M_TRIM_THRESHOLD: 2**31 - 1, _M_MMAP_MAX: 0}  # as the benchmarks' MALLOC_*_ (mallopt takes an int)
+_large = 0
+_large_lock = threading.Lock()
+
+
+def malloc_defaults() -> None:
+    """glibc's own policy for the server's idle time, whatever MALLOC_* the environment set."""
+    runtime.mallopt(_DEFAULTS)
+
+
+@contextmanager
+def large_allocations() -> Iterator[None]:
+    """Around a prefill: glibc keeps freed large blocks for reuse instead of mapping and faulting in fresh
+    pages for every chunk's temporaries (measured 2x on long prefills). When the last prefill ends the
+    defaults return and free pages go back to the OS. Set for the whole process instead (launch.py did),
+    each worker thread's arena stayed at its high-water mark, which `malloc_trim` does not lower, and the
+    server's memory crept up with every wave of sessions (tests/test_load.py)."""
+    global _large
+    with _large_lock:
+        _large += 1
+        if _large == 1:
+            runtime.mallopt(_TUNED)
+    try:
+        yield
+    finally:
+        with _large_lock:
+            _large -= 1
+            last = _large == 0
+            if last:
+                runtime.mallopt(_DEFAULTS)
+        if last:
+            give_back_memory()
 
 
 def _alive(pid: int) -> bool:
@@ -223,4 +249,5 @@ class Registry(Generic[W]):
             shutil.rmtree(self.spill_folder(key), ignore_errors=True)
 
 
-__all__ = ["Busy", "Registry", "SAVING", "SessionFiles", "give_back_memory", "key_digest", "process_spill_dir"]
+__all__ = ["Busy", "Registry", "SAVING", "SessionFiles", "give_back_memory", "key_digest", "large_allocations",
+           "malloc_defaults", "process_spill_dir"]

@@ -26,6 +26,7 @@ import runtime
 from runtime import Answer, EngineError, GenerationParams, Piece, SnapshotError
 
 from .figures import bin_positions
+from .sessions import large_allocations
 
 VIEW_LINES = 160  # most lines the source viewer shows around its target
 HEAT_COLUMNS = 2000  # the heatmap's column cap (figures.selection_heatmap's max_columns)
@@ -184,8 +185,9 @@ class Workspace:
                 self._take(given, take_from)
         self.stop_event.clear()
         try:
-            report = self.session.load_corpus(corpus, progress=progress, stop=self.stop_event,
-                                              snapshot_dir=snapshot_dir or self.settings.snapshot_dir)
+            with large_allocations():
+                report = self.session.load_corpus(corpus, progress=progress, stop=self.stop_event,
+                                                  snapshot_dir=snapshot_dir or self.settings.snapshot_dir)
         except Exception:
             if self.session.layout is not self.layout:  # the prefill had begun: the session holds a part at most
                 self.session = self.engine.new_session()

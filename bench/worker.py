@@ -110,6 +110,9 @@ def _profile_table(prof, rows: int = 15, device_time: bool = False) -> dict:
 def measure_runtime(spec: dict) -> dict:
     import torch
 
+    from runtime.memory import trim_heap
+    from runtime.snapshot import reserve_entries
+
     from . import flops as F
     from .split import LayerTimer
 
@@ -156,9 +159,13 @@ def measure_runtime(spec: dict) -> dict:
             for s in range(0, P, chunk):
                 tc = time.perf_counter()
                 logits = model(ids[:, s : s + chunk], cache, logits_to_keep=1)
+                reserve_entries(cache, P + D)  # as the engine does: entry buffers sized once, never doubled,
+                trim_heap()  # and the chunk's unused pages returned (runtime/memory.py)
                 _sync(device)
                 chunk_times.append(time.perf_counter() - tc)
             prefill_s = time.perf_counter() - tp
+            if r == 0:  # the prefill's own peak (the 1M target is about prefill), before any decode
+                res["memory_after_prefill"] = _peak_mem(device)
             split_p = timer.snapshot(prefill_s) if timer else None
             cb = cache_bytes(cache)
             # decode D tokens (greedy) after the prefill; with a reference cache, its steps alternate with

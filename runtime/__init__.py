@@ -8,7 +8,7 @@ Public API (used by the app, the CLI and outside checks):
 
 import importlib
 
-# Names resolve lazily, so the pure modules (runtime.corpus, runtime.tokenizer) import without torch.
+# Names resolve lazily, so the pure modules (runtime.corpus, runtime.tokenizer, runtime.memory) import without torch.
 _EXPORTS = {
     "Cache": "cache", "Capture": "introspect", "LayerRecord": "introspect", "ConfigError": "config",
     "ModelConfig": "config", "Transformer": "model", "load_model": "model",
@@ -16,6 +16,7 @@ _EXPORTS = {
     "ContextTooLarge": "engine", "PrefillProgress": "engine", "Piece": "engine", "Answer": "engine",
     "Cancelled": "engine", "LoadReport": "engine", "Limits": "corpus", "ingest": "corpus", "CorpusError": "corpus",
     "Provenance": "provenance", "Source": "provenance", "SnapshotError": "snapshot", "list_snapshots": "snapshot",
+    "mallopt": "memory", "trim_heap": "memory",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -101,13 +101,36 @@ class Indexer(nn.Module):
         B, Sq, H, d = q.shape
         if keys.dtype == torch.bfloat16:  # bf16 keys (Cache.index_dtype): bf16 matmul, fp32 from here on
             # keys @ q^T streams the [N, d] keys row by row: ~40x faster on CPU than q @ keys^T in bf16
-            s = torch.matmul(keys, q.reshape(B, Sq * H, d).to(keys.dtype).transpose(1, 2))  # [B, N, Sq*H_I]
-            s = s.transpose(1, 2).float()  # strided view: the head-sum bmm reads it as fast as a copy
+            if B * Sq == 1:  # decode
+                s = one_query_logits(keys[0], q.reshape(H, d).to(keys.dtype))[None]  # [1, N, H_I]
+                # contiguous [H_I, N]: the head-sum bmm reads it ~3x faster than the strided view
+                s = s.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+            else:
+                s = torch.matmul(keys, q.reshape(B, Sq * H, d).to(keys.dtype).transpose(1, 2))  # [B, N, Sq*H_I]
+                s = s.transpose(1, 2).float()  # strided view: the head-sum bmm reads it as fast as a copy
         else:
             s = torch.matmul(q.reshape(B, Sq * H, d), keys.float().transpose(1, 2))  # [B, Sq*H_I, N]
         s = torch.relu_(s).view(B * Sq, H, -1)
         w = (w * d ** -0.5).reshape(B * Sq, 1, H)
         return torch.bmm(w, s).view(B, Sq, -1)  # the head sum as one batched matmul
+
+
+def one_query_logits(keys: torch.Tensor, q: torch.Tensor, group: int = 4) -> torch.Tensor:
+    """keys [N, d] @ q [H, d]^T -> [N, H] for one query's heads, in the keys' dtype. Decode streams every
+    key through here; oneDNN's bf16 kernel is memory-bound but wastes time on a 4-column output, so
+    ``group`` keys form one row of [N / g, g * d] against a block-diagonal [g * d, g * H] query: the same
+    products and sums (the off-diagonal blocks add exact zeros): measured here ~20% faster than
+    [N, d] @ [d, H] and ~1.5x faster than bmm over 262k keys."""
+    N, d = keys.shape
+    H = q.shape[0]
+    out = keys.new_empty(N, H)
+    m = N // group * group
+    if m:
+        qb = torch.block_diag(*[q] * group)  # [g*H, g*d]
+        torch.mm(keys[:m].view(m // group, group * d), qb.t(), out=out[:m].view(m // group, group * H))
+    if m < N:
+        torch.mm(keys[m:], q.t(), out=out[m:])
+    return out
 
 
 def select_topk(scores: torch.Tensor, threshold: torch.Tensor, k: int):
@@ -116,6 +139,19 @@ def select_topk(scores: torch.Tensor, threshold: torch.Tensor, k: int):
     k = min(k, n)
     if int(threshold.min()) < n:  # some entries lie in a query's future (never in decode)
         scores = scores.masked_fill(torch.arange(n, device=scores.device) >= threshold[:, None], NEG_INF)
+    top = _prefiltered_topk(scores, k) if scores.numel() == n and n >= PREFILTER_MIN else None
+    if top is None:
+        top = _topk_lowest_id_ties(scores, k)
+    ids = torch.where(top[0] >= threshold[:, None], -1, top[0])
+    return ids, top[1]
+
+
+PREFILTER_MIN = 1 << 15  # entries from which one query's top-k is taken over a prefiltered candidate set
+_CHUNK = 256
+
+
+def _topk_lowest_id_ties(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference selection: (indices, values) of the k largest scores per row."""
     top = scores.topk(k, dim=-1)
     # Exact ties at the k-th score (ReLU makes 0.0 common) are broken towards the lowest entry id,
     # so the selection depends on the scores alone, not on how the sequence was chunked (topk's own
@@ -129,8 +165,30 @@ def select_topk(scores: torch.Tensor, threshold: torch.Tensor, k: int):
         keep = (rows > rk) | (eq & (eq.cumsum(-1) <= k - (rows > rk).sum(-1, keepdim=True)))
         fixed = rows.masked_fill(~keep, NEG_INF).topk(k, dim=-1)
         top.indices[tied], top.values[tied] = fixed.indices, fixed.values
-    ids = torch.where(top.indices >= threshold[:, None], -1, top.indices)
-    return ids, top.values
+    return top.indices, top.values
+
+
+def _prefiltered_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The same selection for one query over many entries (decode), in about two passes over the scores
+    instead of a full top-k: the k-th largest of the chunk maxima is a lower bound on the k-th largest
+    score (k chunks each hold a score at least that high), so only scores reaching it can be picked.
+    None when that leaves too many candidates (e.g. ReLU zeros at the bound): the caller takes the full path."""
+    row = scores.reshape(-1)
+    n = row.numel()
+    m = n // _CHUNK * _CHUNK
+    maxima = row[:m].view(-1, _CHUNK).amax(-1)  # [n / CHUNK]
+    if m < n:
+        maxima = torch.cat([maxima, row[m:].amax()[None]])
+    if maxima.numel() < k:
+        return None
+    bound = maxima.topk(k).values[-1]
+    if not torch.isfinite(bound):
+        return None
+    ids = (row >= bound).nonzero().squeeze(1)  # ascending ids: the tie rule below depends on it
+    if ids.numel() > max(64 * k, n // 16):
+        return None
+    ind, val = _topk_lowest_id_ties(row[ids][None], k)
+    return ids[ind].view(*scores.shape[:-1], k), val.view(*scores.shape[:-1], k)
 
 
 class Attention(nn.Module):
@@ -296,4 +354,4 @@ class Attention(nn.Module):
                     comp if self.layer_type != SLIDING else None)
 
 
-__all__ = ["Attention", "Compressor", "Indexer", "select_topk"]
+__all__ = ["Attention", "Compressor", "Indexer", "one_query_logits", "select_topk"]

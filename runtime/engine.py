@@ -42,6 +42,7 @@ from .cache import Cache
 from .config import CSA, HCA, SLIDING
 from .corpus import Corpus, Layout, Limits, Skipped, Span, ingest
 from .introspect import Capture
+from .memory import trim_heap
 from .provenance import Provenance, compute_provenance
 from .snapshot import (Fingerprints, SessionState, SnapshotError, chat_fingerprint, corpus_fingerprint,
                        load_snapshot, mark_cache, model_fingerprint, reserve_entries, rewind_cache,
@@ -456,6 +457,7 @@ class Session:
                 raise Cancelled(f"prefill stopped after {s:,} of {total:,} tokens; the session is empty")
             self.last_logits = eng.forward(ids[s:s + eng.chunk_size], self.cache, timer=timer)
             reserve_entries(self.cache, room)
+            trim_heap()  # the chunk's temporaries, not reused, would pile up (runtime/memory.py)
             if progress is not None:
                 done, el = min(s + eng.chunk_size, total), time.perf_counter() - t0
                 rate = done / el if el > 0 else 0.0

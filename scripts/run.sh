@@ -6,5 +6,4 @@ cd "$(dirname "$0")/.."
 log=$(mktemp)
 .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt >"$log" 2>&1 || { grep -v "is ignored" "$log"; exit 1; }
 export HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
-export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000
 exec .venv/bin/python launch.py "$@"

@@ -163,6 +163,57 @@ def test_bf16_indexer_keys(model, ids, reference):
     torch.testing.assert_close(out[:, :300], full[:, :300], atol=1e-4, rtol=1e-4)  # before any near-tie
 
 
+@pytest.mark.parametrize("n", [40_000, 262_147])
+def test_prefiltered_topk_equals_full_topk(n):
+    """Decode picks one query's top-k from all of a long context's entries through a prefilter (chunk
+    maxima bound the k-th score); it picks the same entries and scores as the full top-k, ties at the k-th
+    score going to the lowest ids, and falls back to the full top-k where the bound admits too much."""
+    from runtime.attention import _prefiltered_topk, _topk_lowest_id_ties, select_topk
+
+    g = torch.Generator().manual_seed(n)
+    cases = {
+        "normal": torch.randn(1, 1, n, generator=g),
+        "integers (ties at the k-th)": torch.randint(0, 40, (1, 1, n), generator=g).float(),
+        "sparse ReLU": torch.randn(1, 1, n, generator=g).clamp(min=0) * (torch.rand(1, 1, n, generator=g) < 1e-3),
+        "all zero": torch.zeros(1, 1, n),
+    }
+    used_fast = set()
+    for name, scores in cases.items():
+        ids, vals = select_topk(scores, torch.tensor([n]), 64)
+        ref_ids, ref_vals = _topk_lowest_id_ties(scores, 64)
+        assert sorted(ids.flatten().tolist()) == sorted(ref_ids.flatten().tolist()), name
+        assert torch.equal(vals.sort(-1).values, ref_vals.sort(-1).values), name
+        if _prefiltered_topk(scores, 64) is not None:
+            used_fast.add(name)
+    assert {"normal", "integers (ties at the k-th)"} <= used_fast and "all zero" not in used_fast
+    # the tie rule: 100 entries share the k-th score, the lowest ids win
+    scores = torch.randn(1, 1, n, generator=g) - 10
+    scores[..., 1000:1050] = 5.0
+    scores[..., 3000:3100] = 1.0
+    ids, _ = select_topk(scores, torch.tensor([n]), 64)
+    assert sorted(ids.flatten().tolist()) == list(range(1000, 1050)) + list(range(3000, 3014))
+
+
+def test_one_query_index_scores():
+    """Decode scores a single query against bf16 keys with a grouped block-diagonal matmul; the logits
+    match the plain matmul, and the scores those of the same query scored among others (prefill's path)."""
+    from runtime.attention import Indexer, one_query_logits
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 7, 4099):
+        keys = torch.randn(n, 64, generator=g).bfloat16()
+        q = torch.randn(4, 64, generator=g).bfloat16()
+        torch.testing.assert_close(one_query_logits(keys, q).float(), torch.matmul(keys, q.t()).float(),
+                                   atol=0, rtol=2 ** -8)  # one bf16 rounding at most (measured: equal)
+    ix = Indexer(runtime.ModelConfig.from_dict(tiny_config()))
+    d = ix.head_dim
+    keys = torch.randn(1, 5000, d, generator=g).bfloat16()
+    q, w = torch.randn(1, 3, ix.n_heads, d, generator=g), torch.randn(1, 3, ix.n_heads, generator=g)
+    many = ix.scores(q, w, keys)
+    one = ix.scores(q[:, 2:], w[:, 2:], keys)
+    torch.testing.assert_close(one, many[:, 2:], atol=1e-3, rtol=8e-3)
+
+
 def test_batch_rows_are_independent(model, ids):
     two = torch.cat([ids[:, :300], ids[:, 300:600]])
     with torch.no_grad():

@@ -408,8 +408,13 @@ def find_snippet(text: str, rng: random.Random, depth: float, lo: int = 0, hi: i
     return None
 
 
-def _depths_for(rng: random.Random, n: int) -> list[float]:
-    return [rng.random() for _ in range(n)]
+def _depths_for(rng: random.Random, n: int, edge_p: float = 0.0) -> list[float]:
+    """Uniform needle depths; with ``edge_p`` > 0 that share goes to the very start or end of the haystack
+    (a needle on the last line sits inside the question's sliding window, which uniform draws rarely hit at
+    4k tokens). ``edge_p`` = 0 draws exactly as before, so earlier stages reproduce."""
+    if not edge_p:
+        return [rng.random() for _ in range(n)]
+    return [rng.choice((0.0, 1.0)) if rng.random() < edge_p else rng.random() for _ in range(n)]
 
 
 def _ntok(pool: TokenPool, texts: list[str]) -> int:
@@ -417,7 +422,8 @@ def _ntok(pool: TokenPool, texts: list[str]) -> int:
 
 
 def make_example(kind: str, rng: random.Random, pool: TokenPool, n_tokens: int, variant: str = "train",
-                 n_questions: int | None = None, max_needles: int = 8, value_fmt: str | None = None) -> Example:
+                 n_questions: int | None = None, max_needles: int = 8, value_fmt: str | None = None,
+                 edge_p: float = 0.0) -> Example:
     """One training example of about ``n_tokens`` tokens in total (haystack sized to fit)."""
     if kind == "niah":
         n_needles = rng.randint(1, max_needles)
@@ -428,7 +434,7 @@ def make_example(kind: str, rng: random.Random, pool: TokenPool, n_tokens: int, 
         overhead = _ntok(pool, [s for s, _ in sents]) + _ntok(
             pool, [niah_question(*items[i][:2]) + " " + items[i][2] for i in asked]) + 6 * nq + 8
         hay = pool.text(max(64, n_tokens - overhead), rng)
-        text, spans = plant(hay, [(d, s) for d, (s, _) in zip(_depths_for(rng, n_needles), sents)])
+        text, spans = plant(hay, [(d, s) for d, (s, _) in zip(_depths_for(rng, n_needles, edge_p), sents)])
         qas = []
         for i in asked:
             attr, ent, val = items[i]
@@ -471,7 +477,7 @@ def make_example(kind: str, rng: random.Random, pool: TokenPool, n_tokens: int, 
             qas.append(QA(CONTINUE_QUESTION.format(snippet=snip), cont, (off, off + len(cont)),
                           off / max(1, len(hay)), "continue"))
         if not qas:  # no usable line (e.g. a dictionary chunk without long lines): fall back to a needle
-            return make_example("niah", rng, pool, n_tokens, variant, n_questions, max_needles, value_fmt)
+            return make_example("niah", rng, pool, n_tokens, variant, n_questions, max_needles, value_fmt, edge_p)
         return Example("continue", hay, qas)
     raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
 

@@ -129,6 +129,12 @@ STAGES = [
                                                 "w_hca": 2.0}),
     ("sparse-4096", 150, 4096, 1, False, 4e-4, {"mix": [["niah", 0.8], ["kv", 0.2]], "w_hca": 2.0,
                                                 "task": {"value_fmt": "number", "max_needles": 6}}),
+    # more of the long, sparse regime (copy precision fell with length: single-digit slips at 32k), with a
+    # fifth of the needles on the haystack's first or last line (the last one sits in the sliding window)
+    ("long-4096", 700, 4096, 1, False, 3e-4, {"mix": [["niah", 0.8], ["kv", 0.2]], "w_hca": 2.0,
+                                              "task": {"value_fmt": "number", "max_needles": 6, "edge_p": 0.2}}),
+    ("long-8192", 300, 8192, 1, False, 2e-4, {"mix": [["niah", 0.8], ["kv", 0.2]], "w_hca": 2.0,
+                                              "task": {"value_fmt": "number", "max_needles": 6, "edge_p": 0.2}}),
 ]
 SMOKE_STAGES = [("smoke-dense-384", 120, 384, 4, True, 2e-3, {}), ("smoke-sparse-512", 20, 512, 2, False, 1e-3, {})]
 MIX = (("niah", 0.7), ("kv", 0.2), ("continue", 0.1))
@@ -524,6 +530,8 @@ def main(argv=None) -> int:
                 print("EVAL", json.dumps(ev), flush=True)
             if time.time() - last_ckpt > args.ckpt_minutes * 60 or step == end:
                 save_ckpt(ckpt_path, model, opt, step, {"stage": name})
+                if step == end:  # each stage's end stays on disk (to export or resume from)
+                    shutil.copyfile(ckpt_path, out / f"ckpt-step{step}.pt")
                 last_ckpt = time.time()
         begin = end
     save_ckpt(ckpt_path, model, opt, step, {"stage": "done"})
