@@ -86,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
                    help="address-space limit per worker (default: 90%% of MemAvailable at start)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per worker before it is killed")
     p.add_argument("--no-malloc-env", action="store_true",
-                   help="do not set MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e11 in workers (scripts/run.sh sets them)")
+                   help="do not set MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e11 in workers (the app sets them around each prefill)")
     p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak measurement")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                    help="write the result set as JSON to PATH (or stdout with no PATH, tables then go to stderr)")

@@ -95,7 +95,7 @@ def model_line(meta: dict) -> str:
     s += (f". dtype {st.get('dtype')}, indexer keys {st.get('index_dtype', 'model')}, prefill chunk {st.get('chunk')}, {st.get('decode_tokens')} decode tokens,"
           f" repeats {st.get('repeats')} (1 above {st.get('single_repeat_above'):,} tokens)")
     if st.get("malloc_env"):
-        s += ", glibc `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e11` (as scripts/run.sh)"
+        s += ", glibc `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e11` (as the app around each prefill)"
     if st.get("mem_limit_bytes"):
         s += f", address-space guard {fbytes(st['mem_limit_bytes'])} per length"
     return s + "."
