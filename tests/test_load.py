@@ -170,7 +170,6 @@ def test_prefill_allocation_policy():
     import sys
 
     code = """
-import gc
 from app.sessions import large_allocations, malloc_defaults
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
 malloc_defaults()
