@@ -284,6 +284,10 @@ def _pair(sets, a, b):
     return None
 
 
+def threads(rs: dict) -> int:
+    return rs["meta"]["machine"].get("torch_threads") or rs["meta"].get("settings", {}).get("threads") or 0
+
+
 def default_model_set(rs: dict) -> bool:
     """Targets are about the default model (checkpoint or the tiny5m preset) on CPU."""
     mm = rs["meta"].get("model", {})
@@ -309,15 +313,20 @@ def targets(all_sets: list[dict]) -> list[list[str]]:
 
     def decode_ratio(L, limit, target):
         """Prefer the same-process ratio (steps alternating with a 4,096-token cache), else across workers."""
-        r = next((x for x in _find(sets, L) if x[1].get("decode_ref_context") == 4096), None)
-        if r:
-            rs, r1 = r
+        same = [x for x in _find(sets, L) if x[1].get("decode_ref_context") == 4096]
+        if same:
+            rs, r1 = same[0]
             q = r1["decode_ratio_vs_ref"]
+            th = threads(rs)
             txt = (f"{q:.2f}x: {fnum(r1['decode_ms_median'])} vs {fnum(r1['decode_ref_ms_median'])} ms/token"
-                   " (same process, alternating steps)")
+                   f" (same process, alternating steps, {th} torch thread{'s' if th != 1 else ''})")
             p = _pair(sets, L, 4096)
             if p:
                 txt += f"; across workers {p[1]['decode_ms_median'] / p[2]['decode_ms_median']:.2f}x"
+            one = next((x for x in same if threads(x[0]) == 1), None)
+            if th != 1 and one:  # the single-thread figure too: decode at 1M is bound by one core's bandwidth
+                txt += (f"; with 1 thread {one[1]['decode_ratio_vs_ref']:.2f}x"
+                        f" ({one[0]['meta'].get('label') or one[0]['meta']['command']})")
             return line(target, txt, status(q <= limit), rs)
         p = _pair(sets, L, 4096)
         if p:
@@ -541,11 +550,15 @@ def markdown(sets: list[dict], svg_rel: str | None, command: str | None = None) 
                   " (they double when full), and `cache.dense_nbytes()`: every token's K=V row in every layer.", ""]
             L += cache_table(rs)
             st = split_tables(rs)
+            n_split = max((r.get("split_decode_steps", 0) for r in ok_runs(rs)), default=0)
             if st:
                 L += ["", "### Time split by layer type", "",
                       "Exclusive wall time per category from forward hooks and wrappers (bench/split.py: a"
                       " perf_counter pair per region, ~10 regions per layer per call). `other` = embedding, sub-layer"
-                      " norms, final norm, vocabulary head and glue.", ""]
+                      " norms, final norm, vocabulary head and glue."
+                      + (f" Decode: the split comes from {n_split} more steps with the hooks in place, after the timed"
+                         " steps, which run without them (so its total includes the hooks' own cost)."
+                         if n_split else ""), ""]
                 L += st
             L += ["", "### FLOPs and share of the matmul peak", "",
                   "Counted from shapes by bench/flops.py (multiply-adds of matmuls and equivalent reductions;"

@@ -18,6 +18,8 @@ import traceback
 
 from .machine import matmul_peak, proc_status
 
+SPLIT_STEPS = 16  # hooked decode steps for the time split, after the timed ones
+
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 
@@ -125,14 +127,15 @@ def measure_runtime(spec: dict) -> dict:
     res.update(model_source=source, build_seconds=time.perf_counter() - t0,
                params=model.num_params(), active_params=model.num_params(active=True),
                layer_types=list(c.layer_types))
-    # the model's position limit: prefill L - D if L + D would run past it
-    P = min(L, c.max_position_embeddings - D)
+    # the model's position limit: prefill less if the decode steps would run past it
+    P = min(L, c.max_position_embeddings - D - SPLIT_STEPS)
     res["prefill_tokens"] = P
     gen = torch.Generator().manual_seed(spec.get("seed", 0) + 1)
     ids = torch.randint(0, c.vocab_size, (1, P), generator=gen).to(device)
     budget = getattr(model.layers[0].attn, "score_budget", 256 << 20)
 
-    timer = LayerTimer(model, device) if spec.get("split", True) else None
+    split = spec.get("split", True)
+    timer = None
     gc.collect()
     res["rss_before_prefill"] = proc_status().get("VmRSS")
     if device.startswith("cuda"):
@@ -151,15 +154,14 @@ def measure_runtime(spec: dict) -> dict:
             cache = logits = None
             gc.collect()
             cache = new_cache()
-            if timer:
-                timer.reset()
+            timer = LayerTimer(model, device) if split else None
             chunk_times = []
             _sync(device)
             tp = time.perf_counter()
             for s in range(0, P, chunk):
                 tc = time.perf_counter()
                 logits = model(ids[:, s : s + chunk], cache, logits_to_keep=1)
-                reserve_entries(cache, P + D)  # as the engine does: entry buffers sized once, never doubled,
+                reserve_entries(cache, P + D + SPLIT_STEPS)  # as the engine does: entry buffers sized once, never doubled,
                 trim_heap()  # and the chunk's unused pages returned (runtime/memory.py)
                 _sync(device)
                 chunk_times.append(time.perf_counter() - tc)
@@ -167,6 +169,9 @@ def measure_runtime(spec: dict) -> dict:
             if r == 0:  # the prefill's own peak (the 1M target is about prefill), before any decode
                 res["memory_after_prefill"] = _peak_mem(device)
             split_p = timer.snapshot(prefill_s) if timer else None
+            if timer:  # decode is timed without the hooks: their constant cost would shrink every ratio
+                timer.close()
+                timer = None
             cb = cache_bytes(cache)
             # decode D tokens (greedy) after the prefill; with a reference cache, its steps alternate with
             # these, so decode(L) / decode(ref) is measured under the same load (see decode_ref_context)
@@ -176,8 +181,6 @@ def measure_runtime(spec: dict) -> dict:
                     ref_logits = model(ref_ids[:, s : s + chunk], ref_cache, logits_to_keep=1)
                 ref_tok = ref_logits[:, -1].argmax(-1, keepdim=True)
             tok = logits[:, -1].argmax(-1, keepdim=True)
-            if timer:
-                timer.reset()
             steps = []
             for _ in range(D):
                 ts = time.perf_counter()
@@ -186,17 +189,22 @@ def measure_runtime(spec: dict) -> dict:
                 _sync(device)
                 steps.append(time.perf_counter() - ts)
                 if ref_cache is not None:
-                    if timer:
-                        timer.enabled = False
                     ts = time.perf_counter()
                     ref_logits = model(ref_tok, ref_cache)
                     ref_tok = ref_logits[:, -1].argmax(-1, keepdim=True)
                     _sync(device)
                     ref_steps.append(time.perf_counter() - ts)
-                    if timer:
-                        timer.enabled = True
-            decode_s = sum(steps)
-            split_d = {k: v / D for k, v in timer.snapshot(decode_s).items()} if timer else None
+            split_d = None
+            if split:  # the split from SPLIT_STEPS more steps, hooked (per step: the split's own wall time)
+                timer = LayerTimer(model, device)
+                _sync(device)
+                ts = time.perf_counter()
+                for _ in range(SPLIT_STEPS):
+                    tok = model(tok, cache)[:, -1].argmax(-1, keepdim=True)
+                _sync(device)
+                split_d = {k: v / SPLIT_STEPS for k, v in timer.snapshot(time.perf_counter() - ts).items()}
+                timer.close()
+                timer = None
             runs.append({"prefill_s": prefill_s, "chunk_s": chunk_times, "decode_step_s": steps,
                          "split_prefill_s": split_p, "split_decode_s_per_token": split_d, "cache": cb})
     res["memory"] = _peak_mem(device)
@@ -216,7 +224,8 @@ def measure_runtime(spec: dict) -> dict:
         res["decode_ref_context"] = ref_ctx
         res["decode_ref_ms_median"] = 1e3 * statistics.median(ref_steps)
         res["decode_ratio_vs_ref"] = res["decode_ms_median"] / res["decode_ref_ms_median"]
-    if timer:
+    if split:
+        res["split_decode_steps"] = SPLIT_STEPS
         res["split_prefill_s"] = _median_dicts([r["split_prefill_s"] for r in runs])
         res["split_decode_ms"] = {k: 1e3 * v for k, v in _median_dicts(
             [r["split_decode_s_per_token"] for r in runs]).items()}
@@ -233,12 +242,7 @@ def measure_runtime(spec: dict) -> dict:
     # the worker's own matmul check (contention drift), after the peak-RSS reading it would pollute
     res["matmul_peak_worker"] = matmul_peak(model.dtype, device, n=spec.get("peak_n", 2048), reps=3)
     if spec.get("profile"):
-        if timer:
-            timer.close()
-            timer = None
         res["profile"] = profile_runs(model, cache, spec, c)
-    if timer:
-        timer.close()
     return res
 
 

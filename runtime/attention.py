@@ -8,8 +8,9 @@ official checkpoint's (`wq_a`, `wkv`, `attn_sink`, `compressor.ape`, `indexer.wq
 Two implementations of the same semantics, chosen by `impl`:
 - "sparse" (default): queries in blocks; the window branch reads only the <= sliding_window keys
   of each block's band, CSA gathers at most `index_topk` entries per query, HCA attends densely to
-  its (128x fewer) entries; indexer scores are computed per query block under `score_budget`
-  bytes. Nothing of size (new tokens x context tokens) exists beyond one block.
+  its (128x fewer) entries -- where every query of a block sees them all and nothing is captured, in
+  fused flash passes whose log-sum-exps join the block's softmax (`dense_attention`); indexer scores are
+  computed per query block under `score_budget` bytes. Nothing of size (new tokens x context tokens) exists beyond one block.
 - "eager": the plain reference, transformers-style dense masks over window + all entries. For
   small inputs and for tests of the sparse path.
 """
@@ -131,6 +132,32 @@ def one_query_logits(keys: torch.Tensor, q: torch.Tensor, group: int = 4) -> tor
     if m < N:
         torch.mm(keys[m:], q.t(), out=out[m:])
     return out
+
+
+def dense_attention(q: torch.Tensor, entries: torch.Tensor, scale: float, parts: int = 1):
+    """Softmax attention of q [B, Sq, H, d] over all of entries [B, n, d] (K = V) in fused passes (CPU flash
+    attention: online softmax, no [Sq, n] logits), one per run of entries: (outputs [B, Sq, H, P, d],
+    log-sum-exp of each run's scaled logits [B, H, Sq, P]). A run's output weighted by the softmax of the
+    log-sum-exps over runs is attention over all entries; the kernel parallelises over runs only, so
+    `parts` (torch threads) runs of ~n/parts entries each keep every thread busy. Decode reads the entries
+    once instead of twice (logits, then values)."""
+    B, Sq, H, d = q.shape
+    n = entries.shape[1]
+    P = max(1, min(parts, n // 256))
+    m = n // P
+    # P equal runs as a batch (a view of the contiguous entries), the n - P*m left over as one more run
+    runs = [entries[:, : P * m].reshape(B * P, 1, m, d)] + ([entries[:, P * m :, None].transpose(1, 2)]
+                                                           if n > P * m else [])
+    outs, lses = [], []
+    for r in runs:
+        bp = r.shape[0] // B
+        qr = q.reshape(B, 1, 1, Sq * H, d).expand(B, bp, 1, Sq * H, d).reshape(B * bp, 1, Sq * H, d)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qr, r, r, scale=scale)
+        outs.append(o.view(B, bp, Sq, H, d))
+        lses.append(lse.view(B, bp, Sq, H))
+    o = torch.cat(outs, 1).permute(0, 2, 3, 1, 4)  # [B, Sq, H, P', d]
+    lse = torch.cat(lses, 1).permute(0, 3, 2, 1)  # [B, H, Sq, P']
+    return o, lse
 
 
 def select_topk(scores: torch.Tensor, threshold: torch.Tensor, k: int):
@@ -315,7 +342,7 @@ class Attention(nn.Module):
             band = self._window_mask(pos, off + qe, k0)  # [Sq, Lb]
             lw = torch.einsum("bqhd,bkd->bhqk", qb, kw) * scale
             lw = lw.masked_fill(~band, NEG_INF)
-            sel = sel_scores = kc = None
+            sel = sel_scores = kc = oc = None
             if n:
                 thr = (pos + 1) // self.rate
                 if self.indexer is not None:
@@ -325,6 +352,11 @@ class Attention(nn.Module):
                     kc = entries[bidx, sel.clamp(min=0)]  # [B, Sq, K, d]: the only entries this block reads
                     lc = torch.einsum("bqhd,bqkd->bhqk", qb, kc) * scale
                     lc = lc.masked_fill((sel < 0)[:, None], NEG_INF)
+                elif capture is None and q.device.type == "cpu" and int(thr.min()) >= n:
+                    # every query of the block sees every entry (decode; blocks past the last window): one
+                    # fused pass over them stands in for them as a single logit, their log-sum-exp, whose
+                    # value is their softmax-weighted average -- the same softmax, split in two parts
+                    oc, lc = dense_attention(qb, entries, scale, torch.get_num_threads())  # [B,Sq,H,P,d], [B,H,Sq,P]
                 else:
                     kc = entries
                     lc = torch.einsum("bqhd,bnd->bhqn", qb, kc) * scale
@@ -334,7 +366,9 @@ class Attention(nn.Module):
                 probs = self._softmax_with_sink(lw)
             pw = probs[..., : kw.shape[1]].to(kw.dtype)
             o = torch.einsum("bhqk,bkd->bqhd", pw, kw)
-            if kc is not None:
+            if oc is not None:  # each run's output weighted by its share of the softmax
+                o = o + torch.einsum("bhqp,bqhpd->bqhd", probs[..., kw.shape[1] : -1].to(oc.dtype), oc)
+            elif kc is not None:
                 pc = probs[..., kw.shape[1] : -1].to(kc.dtype)
                 o = o + (torch.einsum("bhqk,bqkd->bqhd", pc, kc) if sel is not None
                          else torch.einsum("bhqn,bnd->bqhd", pc, kc))
@@ -354,4 +388,4 @@ class Attention(nn.Module):
                     comp if self.layer_type != SLIDING else None)
 
 
-__all__ = ["Attention", "Compressor", "Indexer", "one_query_logits", "select_topk"]
+__all__ = ["Attention", "Compressor", "Indexer", "dense_attention", "one_query_logits", "select_topk"]

@@ -103,6 +103,38 @@ def test_sparse_equals_eager(model, ids, reference):
     assert_same_selection(cap, sparse_cap)
 
 
+def test_decode_without_capture(model, ids, reference, monkeypatch):
+    """Without a capture, decode steps attend to HCA entries through the fused pass (dense_attention);
+    the logits match the captured full forward."""
+    import runtime.attention as ra
+
+    calls = []
+    real = ra.dense_attention
+    monkeypatch.setattr(ra, "dense_attention", lambda *a: calls.append(a[1].shape[1]) or real(*a))
+    full, _, _ = reference
+    cache, outs = model.new_cache(), []
+    bounds = [0, 300] + list(range(301, 340))
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        outs.append(model(ids[:, s:e], cache))
+    torch.testing.assert_close(torch.cat(outs, dim=1), full[:, :339], atol=1e-4, rtol=1e-4)
+    assert len(calls) >= 39 and max(calls) == 339 // model.config.compress_rates[HCA]
+
+
+@pytest.mark.parametrize("n,parts", [(1, 1), (300, 1), (513, 2), (1000, 3), (8192, 2)])
+def test_dense_attention_runs(n, parts):
+    """Attention split into runs of entries (one flash pass each) and merged through the runs'
+    log-sum-exps equals one softmax over all entries."""
+    from runtime.attention import dense_attention
+
+    g = torch.Generator().manual_seed(n)
+    q, e = torch.randn(2, 3, 4, 32, generator=g), torch.randn(2, n, 32, generator=g)
+    o, lse = dense_attention(q, e, 32 ** -0.5, parts)
+    logits = torch.einsum("bqhd,bnd->bhqn", q, e) * 32 ** -0.5
+    torch.testing.assert_close(torch.logsumexp(lse, -1), torch.logsumexp(logits, -1), atol=1e-5, rtol=1e-5)
+    merged = torch.einsum("bhqp,bqhpd->bqhd", lse.softmax(-1), o)
+    torch.testing.assert_close(merged, torch.einsum("bhqn,bnd->bqhd", logits.softmax(-1), e), atol=1e-5, rtol=1e-5)
+
+
 def test_selection_really_sparse(model, reference):
     """Each CSA query reads at most index_topk entries, and only visible (past) ones."""
     _, cap, cache = reference
