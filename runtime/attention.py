@@ -8,9 +8,9 @@ official checkpoint's (`wq_a`, `wkv`, `attn_sink`, `compressor.ape`, `indexer.wq
 Two implementations of the same semantics, chosen by `impl`:
 - "sparse" (default): queries in blocks; the window branch reads only the <= sliding_window keys
   of each block's band, CSA gathers at most `index_topk` entries per query, HCA attends densely to
-  its (128x fewer) entries -- where every query of a block sees them all and nothing is captured, in
-  fused flash passes whose log-sum-exps join the block's softmax (`dense_attention`); indexer scores are
-  computed per query block under `score_budget` bytes. Nothing of size (new tokens x context tokens) exists beyond one block.
+  its (128x fewer) entries -- those every query of a block sees, when nothing is captured, in fused flash
+  passes whose log-sum-exps join the block's softmax (`dense_attention`); indexer scores are computed per
+  query block under `score_budget` bytes. Nothing of size (new tokens x context tokens) exists beyond one block.
 - "eager": the plain reference, transformers-style dense masks over window + all entries. For
   small inputs and for tests of the sparse path.
 """
@@ -352,24 +352,32 @@ class Attention(nn.Module):
                     kc = entries[bidx, sel.clamp(min=0)]  # [B, Sq, K, d]: the only entries this block reads
                     lc = torch.einsum("bqhd,bqkd->bhqk", qb, kc) * scale
                     lc = lc.masked_fill((sel < 0)[:, None], NEG_INF)
-                elif capture is None and q.device.type == "cpu" and int(thr.min()) >= n:
-                    # every query of the block sees every entry (decode; blocks past the last window): one
-                    # fused pass over them stands in for them as a single logit, their log-sum-exp, whose
-                    # value is their softmax-weighted average -- the same softmax, split in two parts
-                    oc, lc = dense_attention(qb, entries, scale, torch.get_num_threads())  # [B,Sq,H,P,d], [B,H,Sq,P]
                 else:
-                    kc = entries
-                    lc = torch.einsum("bqhd,bnd->bhqn", qb, kc) * scale
-                    lc = lc.masked_fill(torch.arange(n, device=q.device)[None] >= thr[:, None], NEG_INF)
+                    # entries [0, t0) are seen by every query of the block: fused passes over them (CPU, not
+                    # captured), each standing in as one logit, its log-sum-exp, whose value is its softmax-
+                    # weighted average -- the same softmax, split in parts; the rest is masked per query
+                    t0 = int(thr.min()) if capture is None and q.device.type == "cpu" else 0
+                    parts = []
+                    if t0:
+                        oc, lse = dense_attention(qb, entries[:, :t0], scale, torch.get_num_threads())
+                        parts.append(lse)  # [B, H, Sq, P]; oc [B, Sq, H, P, d]
+                    if t0 < n:
+                        kc = entries[:, t0:]
+                        lr = torch.einsum("bqhd,bnd->bhqn", qb, kc) * scale
+                        parts.append(lr.masked_fill(torch.arange(t0, n, device=q.device)[None] >= thr[:, None],
+                                                    NEG_INF))
+                    lc = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
                 probs = self._softmax_with_sink(torch.cat([lw, lc], dim=-1))
             else:
                 probs = self._softmax_with_sink(lw)
-            pw = probs[..., : kw.shape[1]].to(kw.dtype)
+            c0 = kw.shape[1]  # probs columns: window keys, [fused runs], [entries], sink
+            pw = probs[..., :c0].to(kw.dtype)
             o = torch.einsum("bhqk,bkd->bqhd", pw, kw)
             if oc is not None:  # each run's output weighted by its share of the softmax
-                o = o + torch.einsum("bhqp,bqhpd->bqhd", probs[..., kw.shape[1] : -1].to(oc.dtype), oc)
-            elif kc is not None:
-                pc = probs[..., kw.shape[1] : -1].to(kc.dtype)
+                o = o + torch.einsum("bhqp,bqhpd->bqhd", probs[..., c0 : c0 + oc.shape[3]].to(oc.dtype), oc)
+                c0 += oc.shape[3]
+            if kc is not None:
+                pc = probs[..., c0:-1].to(kc.dtype)
                 o = o + (torch.einsum("bhqk,bqkd->bqhd", pc, kc) if sel is not None
                          else torch.einsum("bhqn,bnd->bqhd", pc, kc))
             out[:, qs:qe] = o
