@@ -161,8 +161,10 @@ def measure_runtime(spec: dict) -> dict:
             for s in range(0, P, chunk):
                 tc = time.perf_counter()
                 logits = model(ids[:, s : s + chunk], cache, logits_to_keep=1)
-                reserve_entries(cache, P + D + SPLIT_STEPS)  # as the engine does: entry buffers sized once, never doubled,
-                trim_heap()  # and the chunk's unused pages returned (runtime/memory.py)
+                # as the engine does: entry buffers sized once, never doubled, and the chunk's unused pages
+                # returned (runtime/memory.py)
+                reserve_entries(cache, P + D + SPLIT_STEPS)
+                trim_heap()
                 _sync(device)
                 chunk_times.append(time.perf_counter() - tc)
             prefill_s = time.perf_counter() - tp

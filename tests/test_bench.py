@@ -125,7 +125,7 @@ def test_flop_model_matches_torch_flop_counter():
     from runtime.config import ModelConfig
     from runtime.model import Transformer
 
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # decode's fused pass over HCA entries
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # the fused passes over HCA entries
 
     def flash_flops(q, k, v, *args, out_shape=None, **kwargs):  # the counter does not know this CPU op
         return 2 * 2 * q[0] * q[1] * q[2] * k[2] * q[3]  # logits and values: [B, heads, L, S] x d each

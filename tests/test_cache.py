@@ -104,8 +104,8 @@ def test_sparse_equals_eager(model, ids, reference):
 
 
 def test_decode_without_capture(model, ids, reference, monkeypatch):
-    """Without a capture, decode steps attend to HCA entries through the fused pass (dense_attention);
-    the logits match the captured full forward."""
+    """Without a capture, HCA entries every query of a block sees go through the fused passes
+    (dense_attention) in prefill and decode; the logits match the captured full forward."""
     import runtime.attention as ra
 
     calls = []
