@@ -241,6 +241,9 @@ class Attention(nn.Module):
             self.indexer = Indexer(cfg)
         self.register_buffer("inv_freq", rope_inv_freq(cfg, compress=self.layer_type != SLIDING), persistent=False)
         self.score_budget = 256 << 20  # bytes of fp32 scratch per query block
+        # queries per block at most: 128 keeps CPU work near the useful band; on a GPU, where each block
+        # costs a few dozen kernel launches, larger blocks trade wasted window logits for fewer launches
+        self.query_block = 128
 
     # -----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, positions: torch.Tensor, lc: LayerCache, impl: str = "sparse",
@@ -331,7 +334,7 @@ class Attention(nn.Module):
         elif n:
             per_query = max(per_query, H * n * 4 * 2)
         # 128 queries per block: each then reads at most 255 window keys for its <= 128 useful ones
-        block = max(1, min(S, 128, self.score_budget // per_query))
+        block = max(1, min(S, self.query_block, self.score_budget // per_query))
         out = q.new_empty(B, S, H, d)
         scale = d ** -0.5
         for qs in range(0, S, block):

@@ -103,6 +103,21 @@ def test_sparse_equals_eager(model, ids, reference):
     assert_same_selection(cap, sparse_cap)
 
 
+@pytest.mark.parametrize("block", [1, 37, 700])
+def test_query_block_size_changes_nothing(model, ids, reference, block):
+    """Larger query blocks (fewer kernel launches on a GPU) give the same outputs and selections."""
+    full, cap_full, _ = reference
+    for blk in model.layers:
+        blk.attn.query_block = block
+    try:
+        out, cap, _ = run(model, ids, [0, T])
+    finally:
+        for blk in model.layers:
+            blk.attn.query_block = 128
+    torch.testing.assert_close(out, full, atol=1e-4, rtol=1e-4)
+    assert_same_selection(cap, cap_full)
+
+
 def test_decode_without_capture(model, ids, reference, monkeypatch):
     """Without a capture, HCA entries every query of a block sees go through the fused passes
     (dense_attention) in prefill and decode; the logits match the captured full forward."""

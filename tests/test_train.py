@@ -67,3 +67,37 @@ def test_slot_layout(model):
             ch = slice(s * d // r, (s + 1) * d // r)
             assert (alpha[r + s, ch] > 0.95).all()  # channel group s reads token s of the current window
         assert (alpha[:r] < 0.01).all()  # the previous window's half starts switched off
+
+
+def test_batch_workers_build_the_serial_batches():
+    """Batches built ahead in worker processes are the serial loop's, KL seed included."""
+    import tasks
+    from runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer.default()
+    text = (REPO / "assets" / "examples" / "lighthouse_log.md").read_text()
+    pool = tasks.TokenPool.from_texts([text] * 4, tok)
+    mix, task = [["niah", 0.5], ["kv", 0.5]], {"value_fmt": "number", "max_needles": 3}
+    workers = T.BatchWorkers(2, pool, tok, seed=11)
+    try:
+        got = list(workers.stage(5, 9, 600, 2, 0.05, mix, task))
+    finally:
+        workers.close()
+    for step, (ids, lm_pos, ans, meta, kl_seed) in zip(range(5, 9), got):
+        rng = T.step_rng(11, step)
+        ids2, lm_pos2, ans2, meta2 = T.make_batch(rng, pool, tok, 600, 2, 0.05, mix=mix, task_opts=task)
+        assert torch.equal(ids, ids2) and lm_pos == lm_pos2 and ans == ans2 and meta == meta2
+        assert kl_seed == rng.randrange(1 << 30)
+    assert len({tuple(g[0][0, :50].tolist()) for g in got}) == 4  # each step its own batch
+
+
+def test_sharded_export_loads(tmp_path):
+    """--shard-mb splits the weights into files of at most that size; the runtime loads the folder as one."""
+    model = T.build_model(5)
+    T.export(model, tmp_path, shard_mb=12)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == 3 and all(f.stat().st_size <= 12 * 2**20 + 2**16 for f in files)
+    loaded = runtime.load_model(tmp_path)
+    ref = T.export_state(model)
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, ref[k]), k

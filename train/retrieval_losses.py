@@ -102,12 +102,12 @@ class CSAProbe:
             iscore = iscore.masked_fill(~visible, float("-inf"))
             nq = len(qpos)
             if nq:
-                tgt = torch.zeros(nq, N, dtype=torch.bool, device=dev)
+                tgt = torch.zeros(nq, N, dtype=torch.bool)  # built on the CPU: one copy, not a launch per entry
                 for i, (_, ents, *_rest) in enumerate(sup[b]):
                     for e in ents:
                         if 0 <= e < N:
                             tgt[i, e] = True
-                tgt &= visible[:nq]
+                tgt = tgt.to(dev) & visible[:nq]
                 rows = tgt.any(-1)
                 if rows.any():
                     ml, isc, tg = mean_logit[:nq][rows], iscore[:nq][rows], tgt[rows]
@@ -122,7 +122,8 @@ class CSAProbe:
             hs, qs, es = [], [], []
             for i, item in enumerate(sup[b]):
                 p = item[2] if len(item) > 2 else None
-                if p is not None and p // rate < N and visible[i, p // rate] and (p % rate) < logits.shape[0]:
+                # visible[i, p // rate], in Python (no device sync per item)
+                if p is not None and p // rate < min(N, (qpos[i] + 1) // rate) and (p % rate) < logits.shape[0]:
                     hs.append(p % rate); qs.append(i); es.append(p // rate)
             if hs:
                 hl = logits[torch.tensor(hs, device=dev), torch.tensor(qs, device=dev)]  # [n, N]

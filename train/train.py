@@ -34,6 +34,13 @@ at longer lengths. Data and every random draw of step ``s`` come from ``seed`` a
 run is identical to an uninterrupted one. Checkpoints (model, optimiser, step) are written every
 ``--ckpt-minutes`` and at each stage end; CPU by default, CUDA when available (``--device``).
 
+GPU (``--device cuda``): the step is bound by kernel launches, not arithmetic, so ``--query-block 2048
+--score-budget-mb 4096`` (fewer, larger attention blocks; the same outputs, tests/test_cache.py) and
+``--workers 8`` (batches built ahead in processes, the same batches) matter; on one H200 a 32,768-token
+step took a median 0.60 s and a 65,536-token step ~0.65 s once warm. ``--init-from DIR`` starts from an
+exported model with a fresh optimiser; ``--time-budget MIN`` fits the last stage into a time limit (its
+fitted length is logged; a resumed run does not refit). train/gpu_long.sh is the GPU run of the model card.
+
 Threads: ``--threads 1`` is the default. On the shared 2-core machine two torch threads were 5-10x *slower*
 than one (each op waits for the slower thread when the other core is busy): measured 1.1-1.5k tok/s with one
 thread vs 150-300 tok/s with two, for the same step. With nothing else running, two threads pay off: a median of
@@ -285,6 +292,37 @@ def make_batch(step_seed: random.Random, pool, tok, T: int, B: int, lm_rate: flo
     return ids, lm_pos, ans, meta
 
 
+class BatchWorkers:
+    """Processes that build a stage's batches ahead of its steps. A batch and its KL seed depend on (seed,
+    step) alone, exactly as in the serial loop, so a run is the same with or without workers."""
+
+    def __init__(self, n: int, pool, tok, seed: int):
+        import multiprocessing as mp
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the tokenizer's thread pool must not cross fork()
+        self.procs = mp.get_context("fork").Pool(n, initializer=_worker_init, initargs=(pool, tok, seed))
+
+    def stage(self, start: int, end: int, T: int, B: int, lm_rate: float, mix, task):
+        return self.procs.imap(_worker_batch, [(s, T, B, lm_rate, mix, task) for s in range(start, end)])
+
+    def close(self):
+        self.procs.terminate()
+
+
+_W: dict = {}
+
+
+def _worker_init(pool, tok, seed):
+    torch.set_num_threads(1)
+    _W.update(pool=pool, tok=tok, seed=seed)
+
+
+def _worker_batch(job):
+    step, T, B, lm_rate, mix, task = job
+    rng = step_rng(_W["seed"], step)
+    ids, lm_pos, ans, meta = make_batch(rng, _W["pool"], _W["tok"], T, B, lm_rate, mix=mix, task_opts=task)
+    return ids, lm_pos, ans, meta, rng.randrange(1 << 30)
+
+
 def _cum(mix):
     c, out = 0.0, []
     for k, w in mix:
@@ -319,7 +357,7 @@ def forward_losses(model, probe, ids, lm_pos, ans, args, kl_seed: int, device, h
     ce = F.cross_entropy(logits, tg, reduction="none")
     wts = torch.tensor(wts, device=device)
     is_ans = torch.zeros_like(wts, dtype=torch.bool)
-    is_ans[n_lm_split(lm_pos, ans)] = True
+    is_ans[n_lm_split(lm_pos, ans).to(device)] = True
     loss = (ce * wts).sum()
     stats = {"lm": ce[~is_ans].mean().item() if (~is_ans).any() else float("nan"),
              "ans": ce[is_ans].mean().item() if is_ans.any() else float("nan")}
@@ -409,10 +447,22 @@ def save_ckpt(path: Path, model, opt, step: int, extra: dict):
     os.replace(tmp, path)
 
 
-def export(model, out_dir: Path):
+def export(model, out_dir: Path, shard_mb: float = 0):
+    """config.json, tokenizer.json and the weights: one model.safetensors, or with ``shard_mb`` several
+    files of at most that size (runtime.load_model reads every *.safetensors of a folder)."""
     from safetensors.torch import save_file
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(export_state(model), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    state = export_state(model)
+    shards, cur, size = [], {}, 0
+    for k, v in state.items():
+        nb = v.numel() * v.element_size()
+        if shard_mb and cur and size + nb > shard_mb * 2**20:
+            shards.append(cur); cur, size = {}, 0
+        cur[k] = v; size += nb
+    shards.append(cur)
+    for i, part in enumerate(shards):
+        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(part, str(out_dir / name), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
     shutil.copyfile(REPO / "assets" / "tokenizer.json", out_dir / "tokenizer.json")
 
@@ -445,6 +495,19 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-n", type=int, default=16)
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this global step (for staged runs)")
     ap.add_argument("--export", default=None, help="write config/safetensors/tokenizer of the checkpoint here and exit")
+    ap.add_argument("--export-stages", default=None,
+                    help="also export each stage's end (and a --time-budget stop) to DIR/step<N>/, sharded")
+    ap.add_argument("--shard-mb", type=float, default=0, help="with --export(-stages): safetensors files of at most this size")
+    ap.add_argument("--init-from", default=None,
+                    help="start from this model folder's weights (fresh optimiser, step 0 of the stages)")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="minutes of training: the last stage is shortened, once its warm-up is timed, so that "
+                         "the run ends within the budget with its whole cosine; any stage stops at the budget")
+    ap.add_argument("--workers", type=int, default=0, help="processes that build batches ahead of the steps")
+    ap.add_argument("--query-block", type=int, default=None,
+                    help="queries per attention block (runtime default 128; larger = fewer kernels on a GPU)")
+    ap.add_argument("--score-budget-mb", type=int, default=None,
+                    help="fp32 scratch per attention block (runtime default 256 MB; caps the query block)")
     ap.add_argument("--experiment", default=None, help="JSON overrides for experiments: "
                     '{"mix": [["niah", 1.0]], "task": {"max_needles": 1}, "stages": [[name, steps, T, B, dense, lr, {}]]}')
     args = ap.parse_args(argv)
@@ -466,8 +529,33 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     stages = stages_override or (SMOKE_STAGES if args.smoke else STAGES)
 
+    tok = Tokenizer.default()
+    t0 = time.time()
+    pool = heldout = None
+    if not args.export:
+        pool = tasks.TokenPool.corpus("train", args.pool_bytes, tok, cache_dir=REPO / "train" / "runs")
+        heldout = tasks.TokenPool.corpus("heldout", 3_000_000, tok, cache_dir=REPO / "train" / "runs")
+        print(f"pools: train {len(pool)} tokens, heldout {len(heldout)} tokens ({time.time() - t0:.0f}s)", flush=True)
+    # batch workers fork before any CUDA work (a forked child must not inherit a live CUDA context)
+    batches = BatchWorkers(args.workers, pool, tok, args.seed) if args.workers and pool else None
+
     torch.manual_seed(args.seed)
-    model = build_model(args.seed).to(device)
+    model = build_model(args.seed)
+    if args.init_from and not ckpt_path.is_file():
+        from safetensors.torch import load_file
+        state = {}
+        for f in sorted(Path(args.init_from).glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        model.load_state_dict(state, strict=True)
+        if CONFIG["tie_word_embeddings"]:
+            model.head.weight = model.embed.weight
+        print(f"initialised from {args.init_from}", flush=True)
+    model = model.to(device)
+    for blk in model.layers:
+        if args.query_block:
+            blk.attn.query_block = args.query_block
+        if args.score_budget_mb:
+            blk.attn.score_budget = args.score_budget_mb << 20
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01, eps=1e-8)
     step = 0
     if ckpt_path.is_file():
@@ -479,15 +567,10 @@ def main(argv=None) -> int:
         step = ck["step"]
         print(f"resumed from {ckpt_path} at step {step}", flush=True)
     if args.export:
-        export(model, Path(args.export))
+        export(model, Path(args.export), args.shard_mb)
         print(f"exported step {step} to {args.export}")
         return 0
 
-    tok = Tokenizer.default()
-    t0 = time.time()
-    pool = tasks.TokenPool.corpus("train", args.pool_bytes, tok, cache_dir=REPO / "train" / "runs")
-    heldout = tasks.TokenPool.corpus("heldout", 3_000_000, tok, cache_dir=REPO / "train" / "runs")
-    print(f"pools: train {len(pool)} tokens, heldout {len(heldout)} tokens ({time.time() - t0:.0f}s)", flush=True)
     csa_layer = next(i for i, t in enumerate(model.config.layer_types) if t == CSA)
     probe = CSAProbe(model, csa_layer)
     hca_layer = next((i for i, t in enumerate(model.config.layer_types) if t == HCA), None)
@@ -496,29 +579,47 @@ def main(argv=None) -> int:
     log = open(out / "log.jsonl", "a")
     model.train()
     total_steps = sum(s[1] for s in stages)
-    last_ckpt = time.time()
+    last_ckpt = t_start = time.time()
+    deadline = t_start + args.time_budget * 60 if args.time_budget else None
     begin = 0
     base_args = vars(args).copy()
+
+    def stop(name: str, why: str) -> int:
+        save_ckpt(ckpt_path, model, opt, step, {"stage": name})
+        if args.export_stages:
+            export(model, Path(args.export_stages) / f"step{step}", args.shard_mb)
+        print(f"stopped at step {step} ({why})", flush=True)
+        if batches:
+            batches.close()
+        return 0
+
     for si, (name, steps, T, B, dense, lr_peak, opts) in enumerate(stages):
         end = begin + steps
         sched_off, sched_len = opts.get("sched", (0, steps))
         for k, v in base_args.items():  # per-stage loss-weight overrides ("mix" and "task": data overrides)
             setattr(args, k, opts.get(k, v))
+        feed = None
+        if batches and step < end:
+            feed = batches.stage(step, end, T, B, args.lm_rate, opts.get("mix"), opts.get("task"))
+        stage_secs = []
         while step < end:
             if args.max_steps is not None and step >= args.max_steps:
-                save_ckpt(ckpt_path, model, opt, step, {"stage": name})
-                print(f"stopped at step {step} (--max-steps)", flush=True)
-                return 0
+                return stop(name, "--max-steps")
+            if deadline and time.time() > deadline:
+                return stop(name, "--time-budget")
             ts = time.time()
             lr = lr_at(step - begin + sched_off, sched_len, lr_peak)
             for gparam in opt.param_groups:
                 gparam["lr"] = lr
-            rng = step_rng(args.seed, step)
-            ids, lm_pos, ans, meta = make_batch(rng, pool, tok, T, B, args.lm_rate, mix=opts.get("mix"),
-                                                task_opts=opts.get("task"))
+            if feed is not None:
+                ids, lm_pos, ans, meta, kl_seed = next(feed)
+            else:
+                rng = step_rng(args.seed, step)
+                ids, lm_pos, ans, meta = make_batch(rng, pool, tok, T, B, args.lm_rate, mix=opts.get("mix"),
+                                                    task_opts=opts.get("task"))
+                kl_seed = rng.randrange(1 << 30)
             with dense_csa(model, dense):
-                loss, st = forward_losses(model, probe, ids, lm_pos, ans, args, rng.randrange(1 << 30), device,
-                                          hca_probe)
+                loss, st = forward_losses(model, probe, ids, lm_pos, ans, args, kl_seed, device, hca_probe)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
@@ -526,6 +627,17 @@ def main(argv=None) -> int:
             balancer.update()
             step += 1
             dt = time.time() - ts
+            stage_secs.append(dt)
+            if (deadline and si == len(stages) - 1 and step - begin == 20 and "sched" not in opts
+                    and sched_len == steps):
+                # the last stage's length fitted to the budget while still in warm-up (which does not
+                # depend on the stage length): its cosine then runs to the end
+                per = sorted(stage_secs[5:])[len(stage_secs[5:]) // 2] * 1.08  # median, +8% for evals
+                fit = 20 + int((deadline - time.time()) / per)
+                if fit < steps:
+                    end, sched_len = begin + max(fit, 31), max(fit, 31)
+                    print(f"--time-budget: stage {name} shortened to {sched_len} steps", flush=True)
+                    log.write(json.dumps({"stage": name, "fitted_steps": sched_len, "step": step}) + "\n")
             rec = {"step": step, "stage": name, "T": T, "B": B, "lr": lr, "gnorm": gn, "sec": dt,
                    "tok_s": B * T / dt, "kinds": [m["kind"] for m in meta], **{k: round(v, 4) for k, v in st.items()}}
             log.write(json.dumps(rec) + "\n"); log.flush()
@@ -541,10 +653,14 @@ def main(argv=None) -> int:
                 save_ckpt(ckpt_path, model, opt, step, {"stage": name})
                 if step == end:  # each stage's end stays on disk (to export or resume from)
                     shutil.copyfile(ckpt_path, out / f"ckpt-step{step}.pt")
+                    if args.export_stages:
+                        export(model, Path(args.export_stages) / f"step{step}", args.shard_mb)
                 last_ckpt = time.time()
         begin = end
     save_ckpt(ckpt_path, model, opt, step, {"stage": "done"})
-    print(f"done: {step}/{total_steps} steps", flush=True)
+    if batches:
+        batches.close()
+    print(f"done: {step}/{total_steps} steps ({(time.time() - t_start) / 60:.1f} min)", flush=True)
     return 0
 
 
