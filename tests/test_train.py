@@ -101,3 +101,37 @@ def test_sharded_export_loads(tmp_path):
     ref = T.export_state(model)
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, ref[k]), k
+
+
+def test_time_budget_fits_the_last_stage(tmp_path, monkeypatch):
+    """--time-budget: once the last stage's warm-up is timed, its length is cut to what the time left allows
+    (logged) and its cosine runs to that end; stage ends are exported as loadable shards; --init-from
+    starts from an exported folder."""
+    import json
+    import tasks
+
+    text = (REPO / "assets" / "examples" / "lighthouse_log.md").read_text()
+    monkeypatch.setattr(tasks.TokenPool, "corpus",
+                        classmethod(lambda cls, split, max_bytes, tok, cache_dir=None: cls.from_texts([text] * 8, tok)))
+    opts = {"mix": [["niah", 1.0]], "task": {"value_fmt": "number", "max_needles": 2}}
+    exp = {"stages": [["a", 3, 256, 1, False, 1e-4, opts], ["b", 100_000, 256, 1, False, 1e-4, opts]]}
+    out = tmp_path / "run"
+    T.main(["--out", str(out), "--init-from", str(REPO / "assets" / "model"), "--device", "cpu",
+            "--time-budget", "0.5", "--eval-every", "0", "--export-stages", str(out / "exp"), "--shard-mb", "15",
+            "--experiment", json.dumps(exp)])
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    fitted = [r["fitted_steps"] for r in log if "fitted_steps" in r]
+    steps = [r for r in log if "sec" in r]
+    assert len(fitted) == 1 and 31 <= fitted[0] < 100_000
+    last = steps[-1]
+    assert last["stage"] == "b" and last["step"] <= 3 + fitted[0]
+    # from the fit on, the cosine runs over the fitted length (over 100,000 steps it would still be at peak)
+    assert last["lr"] == pytest.approx(T.lr_at(last["step"] - 1 - 3, fitted[0], 1e-4))
+    if last["step"] - 1 - 3 >= 40:  # past the warm-up
+        assert T.lr_at(last["step"] - 1 - 3, 100_000, 1e-4) > 0.99e-4 > last["lr"]
+    assert (out / "exp" / "step3").is_dir() and (out / "exp" / f"step{last['step']}").is_dir()
+    assert len(list((out / "exp" / "step3").glob("*.safetensors"))) == 2
+    first = runtime.load_model(out / "exp" / "step3")  # 3 steps at lr <= 1e-5 from the shipped weights
+    shipped = runtime.load_model(REPO / "assets" / "model")
+    diff = max((a - b).abs().max().item() for a, b in zip(first.parameters(), shipped.parameters()))
+    assert 0 < diff < 1e-2
