@@ -91,6 +91,52 @@ def test_batch_workers_build_the_serial_batches():
     assert len({tuple(g[0][0, :50].tolist()) for g in got}) == 4  # each step its own batch
 
 
+def test_plant_spans_cover_the_items_at_every_depth():
+    """Each span is its item's text, also for items appended to a text that ends mid-line (a leading newline
+    is added there; it once shifted the span, and with it the answer's source tokens, by one character)."""
+    import tasks
+
+    for hay in ("alpha beta\ngamma delta\nepsilon", "alpha beta\ngamma delta\n", ""):
+        items = [(1.0, "The code for A is 123."), (0.0, "The code for B is 45."), (1.0, "The code for C is 6."),
+                 (0.5, "The code for D is 78.")]
+        text, spans = tasks.plant(hay, items)
+        assert [text[a:b].rstrip("\n") for a, b in spans] == [s for _, s in items]
+        rest = text
+        for _, item in items:
+            rest = rest.replace(item + "\n", "", 1)
+        assert rest.rstrip("\n") == hay.rstrip("\n")  # the haystack is untouched (newlines added at its end)
+
+
+def test_last_p_puts_the_asked_needle_right_before_the_question(monkeypatch):
+    """last_p: the first asked needle is the haystack's last line and no recap follows it; 0 changes nothing."""
+    import tasks
+    from runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer.default()
+    text = (REPO / "assets" / "examples" / "lighthouse_log.md").read_text()
+    pool = tasks.TokenPool.from_texts([text] * 4, tok)
+    task = {"value_fmt": "number", "max_needles": 4, "edge_p": 0.5}
+    last = 0
+    for step in range(40):
+        ex = tasks.make_example("niah", T.step_rng(3, step), pool, 500, **task, last_p=0.5)
+        vs, ve = ex.qas[0].value_chars
+        if ex.no_recap:
+            last += 1
+            assert ex.haystack.rstrip("\n").endswith(ex.haystack[vs:ve] + ".")  # the last line holds the answer
+            assert ve == max(e for _, e in ex.items)
+        a = tasks.make_example("niah", T.step_rng(3, step), pool, 500, **task)
+        b = tasks.make_example("niah", T.step_rng(3, step), pool, 500, **task, last_p=0.0)
+        assert a == b and not a.no_recap  # the option off draws exactly as before
+    assert 10 <= last <= 30
+    # make_batch gives such an example no recap, even when every other example gets one
+    recapped = []
+    monkeypatch.setattr(T, "RECAP_P", 1.0)
+    monkeypatch.setattr(tasks, "add_recap", lambda ex, rng: recapped.append(ex.no_recap) or ex)
+    for step in range(20):
+        T.make_batch(T.step_rng(3, step), pool, tok, 600, 1, 0.0, mix=[["niah", 1.0]], task_opts=dict(task, last_p=0.5))
+    assert 0 < len(recapped) < 20 and not any(recapped)
+
+
 def test_sharded_export_loads(tmp_path):
     """--shard-mb splits the weights into files of at most that size; the runtime loads the folder as one."""
     model = T.build_model(5)

@@ -227,6 +227,7 @@ class Example:
     recap: str = ""  # training only: lines of the haystack repeated before the question (see add_recap)
     copies: list[tuple[tuple[int, int], tuple[int, int]]] = field(default_factory=list)  # (source, copy) chars
     copy_tokens: list[tuple[int, int, int, int]] = field(default_factory=list)  # filled by render
+    no_recap: bool = False  # training only: keep the asked needle right before the question (make_example)
 
     @property
     def content(self) -> str:
@@ -258,12 +259,11 @@ def plant(text: str, items: list[tuple[float, str]]) -> tuple[str, list[tuple[in
         c = max(c, prev)
         pieces.append(text[prev:c])
         s = items[i][1]
-        if c == len(text) and text and not text.endswith("\n"):
-            s = "\n" + s
-        block = s if s.endswith("\n") else s + "\n"
-        start = sum(len(p) for p in pieces)
+        lead = "\n" if c == len(text) and text and not text.endswith("\n") else ""  # the text ends mid-line
+        block = lead + (s if s.endswith("\n") else s + "\n")
+        start = sum(len(p) for p in pieces) + len(lead)  # the span starts at the item, not at that newline
         pieces.append(block)
-        spans[i] = (start, start + len(block))
+        spans[i] = (start, start - len(lead) + len(block))
         prev = c
     pieces.append(text[prev:])
     return "".join(pieces), spans
@@ -423,8 +423,11 @@ def _ntok(pool: TokenPool, texts: list[str]) -> int:
 
 def make_example(kind: str, rng: random.Random, pool: TokenPool, n_tokens: int, variant: str = "train",
                  n_questions: int | None = None, max_needles: int = 8, value_fmt: str | None = None,
-                 edge_p: float = 0.0) -> Example:
-    """One training example of about ``n_tokens`` tokens in total (haystack sized to fit)."""
+                 edge_p: float = 0.0, last_p: float = 0.0) -> Example:
+    """One training example of about ``n_tokens`` tokens in total (haystack sized to fit).
+
+    niah ``last_p``: that share of examples puts the first asked needle on the haystack's last line, right
+    before the question, and is marked ``no_recap`` (the layout of a depth-1.0 evaluation); 0 draws nothing."""
     if kind == "niah":
         n_needles = rng.randint(1, max_needles)
         items = _niah_items(rng, variant, n_needles, value_fmt)
@@ -434,7 +437,11 @@ def make_example(kind: str, rng: random.Random, pool: TokenPool, n_tokens: int, 
         overhead = _ntok(pool, [s for s, _ in sents]) + _ntok(
             pool, [niah_question(*items[i][:2]) + " " + items[i][2] for i in asked]) + 6 * nq + 8
         hay = pool.text(max(64, n_tokens - overhead), rng)
-        text, spans = plant(hay, [(d, s) for d, (s, _) in zip(_depths_for(rng, n_needles, edge_p), sents)])
+        depths = _depths_for(rng, n_needles, edge_p)
+        last = bool(last_p) and rng.random() < last_p
+        if last:
+            depths[asked[0]] = 2.0  # sorts after any other needle drawn at 1.0; plant clamps it to the end
+        text, spans = plant(hay, [(d, s) for d, (s, _) in zip(depths, sents)])
         qas = []
         for i in asked:
             attr, ent, val = items[i]
@@ -443,7 +450,7 @@ def make_example(kind: str, rng: random.Random, pool: TokenPool, n_tokens: int, 
                           "niah"))
         return Example("niah", text, qas, items=[(spans[i][0] + sents[i][1],
                                                   spans[i][0] + sents[i][1] + len(items[i][2]))
-                                                 for i in range(n_needles)])
+                                                 for i in range(n_needles)], no_recap=last)
     if kind == "kv":
         n_pairs = rng.randint(4, 16)
         block, fmt, pairs = _kv_block(rng, variant, n_pairs)
@@ -477,7 +484,8 @@ def make_example(kind: str, rng: random.Random, pool: TokenPool, n_tokens: int, 
             qas.append(QA(CONTINUE_QUESTION.format(snippet=snip), cont, (off, off + len(cont)),
                           off / max(1, len(hay)), "continue"))
         if not qas:  # no usable line (e.g. a dictionary chunk without long lines): fall back to a needle
-            return make_example("niah", rng, pool, n_tokens, variant, n_questions, max_needles, value_fmt, edge_p)
+            return make_example("niah", rng, pool, n_tokens, variant, n_questions, max_needles, value_fmt, edge_p,
+                                last_p)
         return Example("continue", hay, qas)
     raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
 

@@ -245,7 +245,7 @@ def make_batch(step_seed: random.Random, pool, tok, T: int, B: int, lm_rate: flo
             kind = next(k for k, c in _cum(mix or MIX) if r < c)
             ex = tasks.make_example(kind, step_seed, pool, T - 8 - 6 * attempt - (60 if recap else 0), variant,
                                     **(TASK_OPTS if task_opts is None else task_opts))
-            if recap and step_seed.random() < RECAP_P:
+            if recap and step_seed.random() < RECAP_P and not ex.no_recap:
                 tasks.add_recap(ex, step_seed)
             ex = tasks.render(ex, tok)
             if len(ex.ids) <= T:
