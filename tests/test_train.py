@@ -137,6 +137,22 @@ def test_last_p_puts_the_asked_needle_right_before_the_question(monkeypatch):
     assert 0 < len(recapped) < 20 and not any(recapped)
 
 
+def test_run_p_plants_runs_of_equal_digits():
+    import random
+    import re
+
+    import tasks
+
+    for fmt in ("number", "number:4-8"):
+        vals = [tasks.make_value(random.Random(i), "train", fmt, run_p=1.0) for i in range(200)]
+        assert all(re.search(r"(\d)\1", v) and v[0] != "0" and v.isdigit() for v in vals)
+        lo = 3 if fmt == "number" else 4
+        assert {len(v) for v in vals} == set(range(lo, 9))
+        assert any(re.search(r"(\d)\1\1\1", v) for v in vals)  # runs of up to 4
+        assert [tasks.make_value(random.Random(i), "train", fmt) for i in range(50)] == \
+            [tasks.make_value(random.Random(i), "train", fmt, run_p=0.0) for i in range(50)]
+
+
 def test_sharded_export_loads(tmp_path):
     """--shard-mb splits the weights into files of at most that size; the runtime loads the folder as one."""
     model = T.build_model(5)

@@ -106,14 +106,22 @@ _CSV_HEADERS = [("key", "value"), ("name", "setting"), ("field", "value"), ("id"
 
 
 # --------------------------------------------------------------------------------------------- values
-def make_value(rng: random.Random, variant: str, fmt: str | None = None) -> str:
+def make_value(rng: random.Random, variant: str, fmt: str | None = None, run_p: float = 0.0) -> str:
+    """A planted value. ``run_p``: that share of numbers gets a run of 2-4 equal digits at a random place
+    (the copy slips that survive training repeat or drop a digit of a run: 8444 -> 84444); 0 draws nothing."""
     if fmt is None:
         r = rng.random()
         fmt = "number" if r < 0.6 else "code" if r < 0.85 else "words"
     if fmt.startswith("number"):
         lo, hi = (3, 8) if fmt == "number" else map(int, fmt.split(":")[1].split("-"))
         n = rng.randint(lo, hi)
-        return str(rng.randint(1, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(n - 1))
+        digits = str(rng.randint(1, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(n - 1))
+        if run_p and rng.random() < run_p:
+            k = rng.randint(2, min(4, n))
+            at = rng.randint(0, n - k)
+            d = digits[at] if at == 0 else str(rng.randint(0, 9))  # a leading run keeps a non-zero digit
+            digits = digits[:at] + d * k + digits[at + k:]
+        return digits
     if fmt == "code":
         letters = "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(rng.randint(2, 3)))
         digits = "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(3, 4)))
@@ -269,7 +277,7 @@ def plant(text: str, items: list[tuple[float, str]]) -> tuple[str, list[tuple[in
     return "".join(pieces), spans
 
 
-def _niah_items(rng: random.Random, variant: str, n: int, value_fmt: str | None = None):
+def _niah_items(rng: random.Random, variant: str, n: int, value_fmt: str | None = None, run_p: float = 0.0):
     """n distinct (attribute, entity, value); later ones share the attribute or entity with the first."""
     out, keys = [], set()
     attr0, ent0 = rng.choice(ATTRIBUTES), _entity(rng, variant)
@@ -282,7 +290,7 @@ def _niah_items(rng: random.Random, variant: str, n: int, value_fmt: str | None 
         if (attr, ent) in keys:
             continue
         keys.add((attr, ent))
-        out.append((attr, ent, make_value(rng, variant, value_fmt)))
+        out.append((attr, ent, make_value(rng, variant, value_fmt, run_p)))
     return out
 
 
@@ -423,14 +431,15 @@ def _ntok(pool: TokenPool, texts: list[str]) -> int:
 
 def make_example(kind: str, rng: random.Random, pool: TokenPool, n_tokens: int, variant: str = "train",
                  n_questions: int | None = None, max_needles: int = 8, value_fmt: str | None = None,
-                 edge_p: float = 0.0, last_p: float = 0.0) -> Example:
+                 edge_p: float = 0.0, last_p: float = 0.0, run_p: float = 0.0) -> Example:
     """One training example of about ``n_tokens`` tokens in total (haystack sized to fit).
 
     niah ``last_p``: that share of examples puts the first asked needle on the haystack's last line, right
-    before the question, and is marked ``no_recap`` (the layout of a depth-1.0 evaluation); 0 draws nothing."""
+    before the question, and is marked ``no_recap`` (the layout of a depth-1.0 evaluation); 0 draws nothing.
+    ``run_p``: numbers with a run of equal digits (make_value)."""
     if kind == "niah":
         n_needles = rng.randint(1, max_needles)
-        items = _niah_items(rng, variant, n_needles, value_fmt)
+        items = _niah_items(rng, variant, n_needles, value_fmt, run_p)
         sents = [niah_sentence(*it) for it in items]
         nq = n_questions or rng.randint(max(1, n_needles // 2), min(6, n_needles))
         asked = rng.sample(range(n_needles), nq)
@@ -485,7 +494,7 @@ def make_example(kind: str, rng: random.Random, pool: TokenPool, n_tokens: int, 
                           off / max(1, len(hay)), "continue"))
         if not qas:  # no usable line (e.g. a dictionary chunk without long lines): fall back to a needle
             return make_example("niah", rng, pool, n_tokens, variant, n_questions, max_needles, value_fmt, edge_p,
-                                last_p)
+                                last_p, run_p)
         return Example("continue", hay, qas)
     raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
 

@@ -19,6 +19,9 @@ config.json); training calls its ordinary differentiable forward. Losses:
   - ``--w-csa`` (0 by default): the head-mean CSA logits toward those entries;
 * copy drills (``RECAP_P`` of the examples, tasks.add_recap): some planted lines are repeated verbatim
   before the question; their values are predicted like answers and supervised like answers.
+  Because the repeated lines are never the asked ones, the drill alone teaches that a value right before
+  the question is not the answer; the task option ``last_p`` (train/cpu_end.sh) puts the asked needle
+  there, with no drill, in that share of needle examples.
 
 Why per-head slots: a CSA entry pools 4 tokens (8 with the overlap) into one vector, so a query that finds
 the right entry still has to say *which* of its tokens comes next. The compressor's gate is a softmax over
