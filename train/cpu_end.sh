@@ -15,7 +15,7 @@
 # Each phase starts from INIT's weights with a fresh optimiser and its own data seed; two torch threads.
 set -euo pipefail
 PHASE=${PHASE:-1}
-INIT=${INIT:-assets/model}
+INIT=${INIT:?set INIT to the model folder to start from (phase 1: the export of GPU phase 2, see the model card)}
 RUN=${RUN:-train/runs/cpu-end$PHASE}
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000
