@@ -9,7 +9,7 @@
 # digits or newlines at 32k-128k (and sometimes at 4k). In training, the recap drill (tasks.add_recap, 60% of
 # examples) puts lines holding *unasked* values right before the question, so 52% of needle examples had an
 # unasked value there and 6% the asked one: the model learned that a value right before the question is not
-# the answer. ``last_p`` puts the asked needle there, without a recap, in 30% of needle examples (27% vs 41%
+# the answer. ``last_p`` puts the asked needle there, without a recap, in 30% of needle examples (35% vs 36%
 # with the recap drill kept for the rest). Phase 2 adds ``run_p`` (a third of the numbers get a run of 2-4
 # equal digits: most remaining slips repeat or drop a digit of a run) at the longest length this CPU affords.
 # Each phase starts from INIT's weights with a fresh optimiser and its own data seed; two torch threads.
