@@ -44,8 +44,9 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(rate, c * dim, dtype=torch.float32))
         self.norm = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, state: CompressorState, inv_freq: torch.Tensor) -> int:
-        """Pools every window completed by x's tokens into state.entries; returns how many were added."""
+    def forward(self, x: torch.Tensor, state: CompressorState, inv_freq: torch.Tensor, offset: int = 0) -> int:
+        """Pools every window completed by x's tokens into state.entries; returns how many were added.
+        `offset`: added to each new entry's RoPE position (Transformer.hidden's position_offset)."""
         B = x.shape[0]
         kv, gate = self.wkv(x), self.wgate(x)  # [B, S, c*dim]
         if state.buffer_kv is not None and state.buffer_kv.shape[1]:
@@ -74,7 +75,7 @@ class Compressor(nn.Module):
             ckv, cgate = slots_kv, slots_gate
         alpha = cgate.softmax(dim=2, dtype=torch.float32).to(ckv.dtype)
         pooled = self.norm((ckv * alpha).sum(dim=2))  # [B, nw, dim]
-        pos = (state.count + torch.arange(nw, device=x.device)) * r  # each entry sits at its window start
+        pos = (state.count + torch.arange(nw, device=x.device)) * r + offset  # each entry sits at its window start
         cos, sin = rope_cos_sin(inv_freq, pos, pooled.dtype)
         state.entries.append(apply_rope(pooled, cos, sin))
         return nw
@@ -247,15 +248,17 @@ class Attention(nn.Module):
 
     # -----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, positions: torch.Tensor, lc: LayerCache, impl: str = "sparse",
-                capture=None, keep: int = 0) -> torch.Tensor:
+                capture=None, keep: int = 0, offset: int = 0) -> torch.Tensor:
         """x: normalised input [B,S,D] at absolute `positions` [S]; extends `lc` in place.
 
         keep=k > 0 computes the output of the last k positions only (the cache still takes all S):
         in the last layer of a long prefill nothing else reads the other outputs.
+        offset: added to the RoPE positions of these tokens and of the entries they complete; causality
+        and the window still use `positions` (token indices). Only training sets it (Transformer.hidden).
         """
         B, S, _ = x.shape
         H, d = self.n_heads, self.head_dim
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # [S, r/2]
+        cos, sin = rope_cos_sin(self.inv_freq, positions + offset, x.dtype)  # [S, r/2]
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, S, d]; keys and values alike
         if keep:
             x_all, x, positions, cos, sin = x, x[:, -keep:], positions[-keep:], cos[-keep:], sin[-keep:]
@@ -270,10 +273,10 @@ class Attention(nn.Module):
         lc.window = keys[:, keys.shape[1] - min(keys.shape[1], self.window - 1):].clone()
         entries = iq = iw = ikeys = None
         if self.compressor is not None:
-            self.compressor(x_all, lc.kv, self.inv_freq)
+            self.compressor(x_all, lc.kv, self.inv_freq, offset)
             entries = lc.kv.entries.view()
         if self.indexer is not None:
-            self.indexer.compressor(x_all, lc.index, self.inv_freq)
+            self.indexer.compressor(x_all, lc.index, self.inv_freq, offset)
             ikeys = lc.index.entries.view()
             iq, iw = self.indexer.queries(x, cq, cos, sin)
 

@@ -42,9 +42,9 @@ class Block(nn.Module):
         return hc_weights(streams, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
                           getattr(self, f"hc_{site}_scale"), c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
-    def forward(self, streams, ids, positions, layer_cache, impl="sparse", capture=None, keep=0):
+    def forward(self, streams, ids, positions, layer_cache, impl="sparse", capture=None, keep=0, offset=0):
         pre, post, comb = self._hc("attn", streams)
-        y = self.attn(self.attn_norm(hc_collapse(streams, pre)), positions, layer_cache, impl, capture, keep)
+        y = self.attn(self.attn_norm(hc_collapse(streams, pre)), positions, layer_cache, impl, capture, keep, offset)
         if keep:  # only the last `keep` positions go on (the cache above took all of them)
             streams, post, comb, ids = streams[:, -keep:], post[:, -keep:], comb[:, -keep:], ids[:, -keep:]
         streams = hc_expand(streams, y, post, comb)
@@ -78,13 +78,23 @@ class Transformer(nn.Module):
     def new_cache(self, batch_size: int = 1, index_dtype: torch.dtype | None = None) -> Cache:
         return Cache(self.config, batch_size, index_dtype)
 
-    def hidden(self, input_ids: torch.Tensor, cache: Cache, capture=None, keep: int = 0) -> torch.Tensor:
-        """Final normalised hidden states [B, S, D] (last `keep` positions if keep > 0); extends `cache` by S."""
+    def hidden(self, input_ids: torch.Tensor, cache: Cache, capture=None, keep: int = 0,
+               position_offset: int = 0) -> torch.Tensor:
+        """Final normalised hidden states [B, S, D] (last `keep` positions if keep > 0); extends `cache` by S.
+
+        position_offset > 0 (training only) gives these tokens, and the compressed entries they complete,
+        RoPE positions shifted by it: a chunk fed after an earlier one with a larger offset sits that
+        many positions further on, as if the skipped tokens were there (position skipping, PoSE). Place
+        the skip where the cache length is a multiple of the largest compression rate, so that no pooling
+        window straddles it, and pass the same offset for everything after it.
+        """
         B, S = input_ids.shape
         if B != cache.batch_size:
             raise ValueError(f"input batch {B} does not match the cache's batch size {cache.batch_size}")
-        if cache.length + S > self.config.max_position_embeddings:
-            raise ValueError(f"{cache.length + S} tokens exceed max_position_embeddings="
+        if position_offset < 0:
+            raise ValueError(f"position_offset must be >= 0, got {position_offset}")
+        if cache.length + S + position_offset > self.config.max_position_embeddings:
+            raise ValueError(f"{cache.length + S + position_offset} positions exceed max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         positions = torch.arange(cache.length, cache.length + S, device=input_ids.device)
         x = self.embed(input_ids)
@@ -92,7 +102,8 @@ class Transformer(nn.Module):
         keep = keep if 0 < keep < S else 0
         last = len(self.layers) - 1
         for i, (layer, lc) in enumerate(zip(self.layers, cache.layers)):
-            streams = layer(streams, input_ids, positions, lc, self.attn_impl, capture, keep if i == last else 0)
+            streams = layer(streams, input_ids, positions, lc, self.attn_impl, capture, keep if i == last else 0,
+                            position_offset)
         cache.length += S
         # hyper-head: collapse the n streams with input-dependent weights (no post, no Sinkhorn)
         c = self.config

@@ -53,6 +53,63 @@ def test_hca_probe_matches_the_runtime(model):
     probe.remove()
 
 
+def test_probes_follow_a_position_skip(model):
+    """With RoPE positions skipping ahead mid-sequence (train.py pick_skip), the probes recompute what the
+    two-call forward computed: the HCA entry share and the lightning indexer's keys."""
+    layer = model.config.layer_types.index(HCA)
+    csa = model.config.layer_types.index(runtime.config.CSA)
+    hp, cp = retrieval_losses.HCAProbe(model, layer), retrieval_losses.CSAProbe(model, csa)
+    ids = torch.randint(5, 8000, (1, 700), generator=torch.Generator().manual_seed(1))
+    skip = (256, 40_960)
+    cap, cache = runtime.Capture(), model.new_cache()
+    try:
+        with torch.no_grad():
+            hp.begin(skip), cp.begin(skip)
+            model.hidden(ids[:, :256], cache, capture=cap)
+            model.hidden(ids[:, 256:], cache, capture=cap, position_offset=skip[1])
+            assert hp.x.shape[1] == cp.x.shape[1] == cp.y.shape[1] == 700
+            pos = torch.randint(127, 700, (16,), generator=torch.Generator().manual_seed(2))
+            mass = hp.entry_mass(cache, 16, torch.Generator().manual_seed(2))
+            assert mass.item() == pytest.approx(cap.record(layer).mass[0, pos, 1].mean().item(), rel=1e-4, abs=1e-6)
+            hp.skip = None  # without the skip the probe computes something else
+            assert hp.entry_mass(cache, 16, torch.Generator().manual_seed(2)).item() != pytest.approx(mass.item(), rel=1e-3)
+            st = retrieval_losses.CompressorState()
+            ix = cp.indexer.compressor
+            ix(cp.x[:, :256], st, cp.attn.inv_freq)
+            ix(cp.x[:, 256:], st, cp.attn.inv_freq, skip[1])
+            torch.testing.assert_close(st.entries.view(), cache.layers[csa].index.entries.view())
+            rp = retrieval_losses.rope_positions(torch.tensor([0, 255, 256, 699]), skip)
+            assert rp.tolist() == [0, 255, 256 + 40_960, 699 + 40_960]
+    finally:
+        hp.remove(), cp.remove()
+
+
+def test_pick_skip_separates_the_asked_value_from_the_question():
+    import random
+    meta = [{"src_end": 1000, "first_ans": 5000}]
+    got = [T.pick_skip(random.Random(i), meta, 0.7, 262_144) for i in range(300)]
+    hits = [g for g in got if g is not None]
+    assert 0.6 < len(hits) / len(got) < 0.8
+    for at, gap in hits:
+        assert at % 128 == 0 and 1000 <= at <= 5000 - 64
+        assert gap % 128 == 0 and 4096 <= gap <= 262_144
+    assert max(g for _, g in hits) > 65_536 and min(g for _, g in hits) < 16_384  # log-uniform spread
+    assert T.pick_skip(random.Random(0), meta, 0.0, 262_144) is None
+    # value right before the question: the skip still lands before the question
+    near = [T.pick_skip(random.Random(i), [{"src_end": 4990, "first_ans": 5000}], 1.0, 8192) for i in range(50)]
+    assert all(128 <= at <= 5000 - 64 for at, _ in near)
+    assert T.pick_skip(random.Random(1), [{"src_end": 0, "first_ans": 100}], 1.0, 8192) is None  # no room
+
+
+def test_make_batch_records_where_a_skip_may_go():
+    import random
+    pool = T.tasks.TokenPool.from_texts(["The quick brown fox jumps over the lazy dog. " * 400], T.Tokenizer.default())
+    ids, lm_pos, ans, meta = T.make_batch(random.Random(3), pool, T.Tokenizer.default(), 2048, 1, 0.02,
+                                          mix=[["niah", 1.0]], task_opts={"value_fmt": "number", "max_needles": 1})
+    m = meta[0]
+    assert 0 < m["src_end"] < m["first_ans"] == min(ans[0][0])
+
+
 def test_slot_layout(model):
     with torch.no_grad():
         T.slot_layout(model, 5.0)
@@ -67,6 +124,52 @@ def test_slot_layout(model):
             ch = slice(s * d // r, (s + 1) * d // r)
             assert (alpha[r + s, ch] > 0.95).all()  # channel group s reads token s of the current window
         assert (alpha[:r] < 0.01).all()  # the previous window's half starts switched off
+
+
+def test_rope_free_slot_layout():
+    """rope_free keeps every slot's channels out of the RoPE-rotated ones, which pool the window evenly."""
+    torch.manual_seed(0)
+    cfg = dict(T.CONFIG, hidden_size=64, head_dim=32, qk_rope_head_dim=8, partial_rotary_factor=0.25,
+               q_lora_rank=32, o_lora_rank=16, index_head_dim=16, moe_intermediate_size=32)
+    m = Transformer(ModelConfig.from_dict(cfg)).init_weights(3)
+    with torch.no_grad():
+        T.slot_layout(m, 5.0, rope_free=True)
+    comp = next(b.attn.compressor for b in m.layers if b.attn.indexer is not None)
+    r, d, R = comp.rate, comp.dim, 8
+    alpha = torch.softmax(comp.ape.detach().view(r, 2, d).transpose(0, 1).reshape(2 * r, d), dim=0)
+    for s in range(r):
+        ch = slice(s * (d - R) // r, (s + 1) * (d - R) // r)
+        assert (alpha[r + s, ch] > 0.95).all()
+    even = alpha[r:, d - R:]  # the current window's slots share the RoPE channels (the previous half ~off)
+    torch.testing.assert_close(even, even[:1].expand_as(even))
+    assert (even > 0.24).all()
+
+
+def test_free_rope_channels_pools_them_evenly(model):
+    """After free_rope_channels a token's content no longer reaches an entry's RoPE channels alone:
+    they are the plain mean of the window's projections, whatever the gate projection had learned."""
+    from runtime.cache import CompressorState
+    import copy
+    m = copy.deepcopy(model)
+    blk = next(b for b in m.layers if b.attn.indexer is not None)
+    comp = blk.attn.compressor
+    with torch.no_grad():
+        comp.wgate.weight.normal_()
+        comp.ape.normal_()
+        comp.ape[:, :comp.dim] -= 30.0  # a trained layout keeps the previous window's half far down (~-5)
+        T.free_rope_channels(m)
+        R, d = m.config.qk_rope_head_dim, comp.dim
+        assert not comp.wgate.weight[d - R:d].any() and not comp.wgate.weight[2 * d - R:].any()
+        assert not comp.ape[:, 2 * d - R:].any() and (comp.ape[:, d - R:d] <= comp.ape[:, :d - R].min()).all()
+        x = torch.randn(1, 8, m.config.hidden_size)
+        st = CompressorState()
+        comp(x, st, torch.zeros(m.config.qk_rope_head_dim // 2))  # zero frequencies: no rotation
+        kv = comp.wkv(x)[0, :, d:].view(2, 4, d)  # current-window half, per window
+        pooled = kv.mean(1)  # [2, d]
+        got = st.entries.view()[0, :, d - R:] / comp.norm.weight[d - R:]
+        # RMSNorm scales the whole row by one factor: the RoPE channels are proportional to the window mean
+        ratio = got / pooled[:, d - R:]
+        torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4, atol=1e-4)
 
 
 def test_batch_workers_build_the_serial_batches():

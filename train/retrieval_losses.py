@@ -41,14 +41,27 @@ class CSAProbe:
         self.indexer = self.attn.indexer  # kept even while the forward runs with the indexer detached
         assert self.indexer is not None, f"layer {layer} is not a CSA layer"
         self.x = self.y = None
+        self.skip = None
         self._h = self.attn.register_forward_pre_hook(self._hook)
         self._ho = self.attn.register_forward_hook(self._out_hook)
 
+    def begin(self, skip: tuple[int, int] | None = None):
+        """Before a forward: forget the last one. skip = (index, gap): the forward runs in two calls and
+        tokens from `index` on sit `gap` RoPE positions further (train.py pick_skip)."""
+        self.x = self.y = None
+        self.skip = skip
+
+    def _second_chunk(self) -> bool:
+        return self.skip is not None and self.x is not None and self.x.shape[1] == self.skip[0]
+
     def _hook(self, module, args):
-        self.x = args[0]  # [B, T, D] normalised attention input (part of the graph)
+        x = args[0]  # [B, S, D] normalised attention input (part of the graph)
+        self.x = torch.cat([self.x, x], dim=1) if self._second_chunk() else x
 
     def _out_hook(self, module, args, out):
-        self.y = out  # [B, T, D] the CSA layer's attention output (part of the graph)
+        # [B, T, D] the CSA layer's attention output; _hook has already taken this call's input
+        join = self.skip is not None and self.y is not None and self.y.shape[1] == self.skip[0]
+        self.y = torch.cat([self.y, out], dim=1) if join else out
 
     def read_logits(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits read straight off the CSA attention output at (rows, cols) through the
@@ -63,7 +76,7 @@ class CSAProbe:
     def _main_logits(self, x_b, entries_b, pos):
         """Head-wise main logits [H, Q, N] of queries at positions pos (1-D) for one sequence."""
         a = self.attn
-        cos, sin = rope_cos_sin(a.inv_freq, pos, x_b.dtype)
+        cos, sin = rope_cos_sin(a.inv_freq, rope_positions(pos, self.skip), x_b.dtype)
         xq = x_b[pos]  # [Q, D]
         cq = a.q_norm(a.wq_a(xq))
         q = unweighted_rms_norm(a.wq_b(cq).view(len(pos), a.n_heads, a.head_dim), a.cfg.rms_norm_eps)
@@ -89,11 +102,15 @@ class CSAProbe:
             if len(pos) == 0:
                 continue
             st = CompressorState()
-            ix.compressor(xd[b:b + 1], st, a.inv_freq)
+            if self.skip is None:
+                ix.compressor(xd[b:b + 1], st, a.inv_freq)
+            else:  # the indexer keys as the forward made them: entries after the skip sit `gap` further
+                ix.compressor(xd[b:b + 1, :self.skip[0]], st, a.inv_freq)
+                ix.compressor(xd[b:b + 1, self.skip[0]:], st, a.inv_freq, self.skip[1])
             ikeys = st.entries.view()[0]  # [N, d_I] from detached input
             N = ikeys.shape[0]
             logits, cq = self._main_logits(x[b], entries[b, :N], pos)  # [H, Q, N]
-            cos, sin = rope_cos_sin(a.inv_freq, pos, x.dtype)
+            cos, sin = rope_cos_sin(a.inv_freq, rope_positions(pos, self.skip), x.dtype)
             iq, iw = ix.queries(xd[b][pos][None], cq.detach()[None], cos, sin)
             iscore = ix.scores(iq, iw, ikeys[None])[0]  # [Q, N]
             visible = torch.arange(N, device=dev)[None] < ((pos + 1) // rate)[:, None]  # [Q, N]
@@ -144,6 +161,11 @@ class CSAProbe:
         return res
 
 
+def rope_positions(pos: torch.Tensor, skip: tuple[int, int] | None) -> torch.Tensor:
+    """RoPE positions of token indices `pos` when positions jump by skip[1] at index skip[0]."""
+    return pos if skip is None else pos + skip[1] * (pos >= skip[0])
+
+
 def entry_targets(value_pos: int, query_pos: int, rate: int) -> list[int]:
     """CSA entries that pool token ``value_pos``: its own window's entry and the next one (overlap)."""
     w = value_pos // rate
@@ -161,7 +183,15 @@ class HCAProbe:
         self.model, self.layer = model, layer
         self.attn = model.layers[layer].attn
         self.x = None
-        self._h = self.attn.register_forward_pre_hook(lambda mod, args: setattr(self, "x", args[0]))
+        self.skip = None
+        self._h = self.attn.register_forward_pre_hook(self._hook)
+
+    def begin(self, skip: tuple[int, int] | None = None):
+        self.x, self.skip = None, skip  # as CSAProbe.begin
+
+    def _hook(self, module, args):
+        join = self.skip is not None and self.x is not None and self.x.shape[1] == self.skip[0]
+        self.x = torch.cat([self.x, args[0]], dim=1) if join else args[0]
 
     def entry_mass(self, cache, n_queries: int, g: torch.Generator, as_if_entries: int | None = None
                    ) -> torch.Tensor | None:
@@ -176,7 +206,7 @@ class HCAProbe:
             return None
         dev = x.device
         pos = torch.randint(rate - 1, T, (n_queries,), generator=g).to(dev)  # queries that see >= 1 entry
-        cos_all, sin_all = rope_cos_sin(a.inv_freq, torch.arange(T, device=dev), x.dtype)
+        cos_all, sin_all = rope_cos_sin(a.inv_freq, rope_positions(torch.arange(T, device=dev), self.skip), x.dtype)
         masses = []
         for b in range(B):
             kv = apply_rope(a.kv_norm(a.wkv(x[b])), cos_all, sin_all)  # [T, d]

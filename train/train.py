@@ -23,6 +23,14 @@ config.json); training calls its ordinary differentiable forward. Losses:
   the question is not the answer; the task option ``last_p`` (train/cpu_end.sh) puts the asked needle
   there, with no drill, in that share of needle examples.
 
+Position skips (``--skip-p``, PoSE): in that share of steps the sequence runs as two calls and the RoPE
+positions of the second jump ahead by 4,096..``--skip-max`` (``pick_skip``; ``Transformer.hidden``'s
+``position_offset``), so a short step trains the relative distances of a long context. Copies from far back
+slipped, though the right entry was selected and attended to, because an entry is read as a value too and
+RoPE turns its last channels by the query-entry distance: the slot layout below had put half of one slot's
+channels there. ``free_rope_channels`` (train/cpu_end.sh phase 4) clears them on a trained model;
+``slot_layout(rope_free=True)`` keeps them clear from the start.
+
 Why per-head slots: a CSA entry pools 4 tokens (8 with the overlap) into one vector, so a query that finds
 the right entry still has to say *which* of its tokens comes next. The compressor's gate is a softmax over
 the window's slots *per channel*, with a learned per-slot bias ``ape``; ``slot_layout`` starts ``ape`` so
@@ -168,26 +176,49 @@ def build_model(seed: int) -> Transformer:
     model = Transformer(ModelConfig.from_dict(CONFIG)).init_weights(seed)
     with torch.no_grad():
         if INIT.get("ape_slots"):
-            slot_layout(model, INIT["ape_slots"])
+            slot_layout(model, INIT["ape_slots"], INIT.get("rope_free", False))
     if CONFIG["tie_word_embeddings"]:
         model.head.weight = model.embed.weight
     return model
 
 
-def slot_layout(model: Transformer, strength: float) -> None:
+def slot_layout(model: Transformer, strength: float, rope_free: bool = False) -> None:
     """Start each CSA compressor's per-channel slot bias (``ape``) as a layout: channel group s of an entry
     takes token s of its window, so an entry begins as the concatenation of its tokens' projections
-    instead of a random per-channel mix. (The previous window's half starts switched off.)"""
+    instead of a random per-channel mix. (The previous window's half starts switched off.)
+
+    rope_free: the groups share the channels RoPE leaves alone, and the last qk_rope_head_dim channels pool
+    the window evenly. Without it the last group straddles them: entries are values too, and RoPE turns
+    those channels by the query-entry distance, so that slot's token reads right only at distances
+    trained (the shipped model: every 32k miss of seeds 0-2 was a token at slot 3; free_rope_channels)."""
     for blk in model.layers:
         comp = blk.attn.compressor
         if blk.attn.indexer is None or comp is None:
             continue
         r, d = comp.rate, comp.dim
+        w = d - model.config.qk_rope_head_dim if rope_free else d
         ape = torch.full((r, 2 * d), -strength)
         for s in range(r):
-            ape[s, d + s * d // r: d + (s + 1) * d // r] = strength
+            ape[s, d + s * w // r: d + (s + 1) * w // r] = strength
         ape[:, d:][ape[:, d:] < 0] = 0.0
         comp.ape.copy_(ape)
+
+
+def free_rope_channels(model: Transformer) -> None:
+    """On a trained model: make each CSA compressor pool its RoPE channels evenly over the current window
+    (slot bias and gate projection zeroed there; the previous window's half at the lowest bias that half has
+    elsewhere, -5.8 in the model it was first applied to), so no token's content rides on them; training then
+    moves what they held to the other channels (train/cpu_end.sh, phase 4)."""
+    R = model.config.qk_rope_head_dim
+    for blk in model.layers:
+        comp = blk.attn.compressor
+        if blk.attn.indexer is None or comp is None:
+            continue
+        d = comp.dim
+        comp.ape[:, 2 * d - R:] = 0.0
+        comp.wgate.weight[2 * d - R:] = 0.0
+        comp.ape[:, d - R:d] = comp.ape[:, :d].min()  # the previous window's half stays switched off there
+        comp.wgate.weight[d - R:d] = 0.0
 
 
 def export_state(model: Transformer) -> dict:
@@ -291,7 +322,9 @@ def make_batch(step_seed: random.Random, pool, tok, T: int, B: int, lm_rate: flo
         lp = [int(t) for t in cand[keep] if int(t) not in ans_set]
         lm_pos.append(lp)
         ans.append((a_pos, a_tgt, sup))
-        meta.append({"kind": ex.kind, "n": n, "nq": len(ex.qas)})
+        # a position skip (pick_skip) goes between the first asked item's value and the first answered token
+        src = ex.qas[0].value_tokens[1] if ex.qas and ex.qas[0].value_tokens else 0
+        meta.append({"kind": ex.kind, "n": n, "nq": len(ex.qas), "src_end": src, "first_ans": min(a_pos, default=n)})
     return ids, lm_pos, ans, meta
 
 
@@ -342,10 +375,34 @@ def kl_positions(g: torch.Generator, n_valid: int, k: int, min_pos: int = 64) ->
 
 
 # --------------------------------------------------------------------------------------------- step
-def forward_losses(model, probe, ids, lm_pos, ans, args, kl_seed: int, device, hca_probe=None):
+def pick_skip(g: random.Random, meta: list[dict], p: float, max_skip: int, align: int = 128):
+    """(index, positions skipped) or None: with probability p, RoPE positions jump by a log-uniform
+    4,096..max_skip (a multiple of `align`) at an `align`-multiple index between the first asked item's
+    value and the first answered token (anywhere before that token if there is no room), so an 8k-token
+    sequence carries the relative distances of a 32k-1M one (PoSE). Same index for all rows."""
+    if not p or g.random() >= p:
+        return None
+    hi = (min(m["first_ans"] for m in meta) - 64) // align  # the question (~30 tokens) stays after the skip
+    lo = -(-max(m["src_end"] for m in meta) // align)  # first multiple of align at or after the value's end
+    if hi < 1:
+        return None
+    at = g.randint(lo if 1 <= lo <= hi else 1, hi) * align
+    return at, int(math.exp(g.uniform(math.log(4096), math.log(max_skip)))) // align * align
+
+
+def forward_losses(model, probe, ids, lm_pos, ans, args, kl_seed: int, device, hca_probe=None, meta=None):
     B, T = ids.shape
     cache = model.new_cache(B)
-    h = model.hidden(ids.to(device), cache)  # [B, T, D]
+    skip = pick_skip(random.Random(kl_seed + 2), meta, args.skip_p, args.skip_max) if meta else None
+    for pr in (probe, hca_probe):
+        if pr is not None:
+            pr.begin(skip)
+    if skip is None:
+        h = model.hidden(ids.to(device), cache)  # [B, T, D]
+    else:
+        s, gap = skip
+        x = ids.to(device)
+        h = torch.cat([model.hidden(x[:, :s], cache), model.hidden(x[:, s:], cache, position_offset=gap)], dim=1)
     rows, cols, tg, wts = [], [], [], []
     n_lm = sum(len(p) for p in lm_pos)
     n_ans = sum(len(a[0]) for a in ans)
@@ -383,6 +440,8 @@ def forward_losses(model, probe, ids, lm_pos, ans, args, kl_seed: int, device, h
     for name in ("idx_hit", "csa_top1"):
         if aux[name] is not None:
             stats[name] = aux[name].item()
+    if skip is not None:
+        stats["skip"] = float(skip[1])
     if hca_probe is not None and args.w_hca:
         mass = hca_probe.entry_mass(cache, 32, torch.Generator().manual_seed(kl_seed + 1),
                                     as_if_entries=args.hca_as_if or None)
@@ -492,6 +551,9 @@ def main(argv=None) -> int:
                     help="penalty on the HCA layer's attention share on its compressed entries (length robustness)")
     ap.add_argument("--hca-as-if", type=int, default=0,
                     help="with --w-hca: penalise the share the HCA entries would take if there were this many")
+    ap.add_argument("--skip-p", type=float, default=0.0,
+                    help="share of steps whose RoPE positions skip ahead between the asked value and the question (PoSE)")
+    ap.add_argument("--skip-max", type=int, default=262144, help="with --skip-p: the longest skip")
     ap.add_argument("--kl-queries", type=int, default=48)
     ap.add_argument("--ckpt-minutes", type=float, default=10.0)
     ap.add_argument("--eval-every", type=int, default=100)
@@ -552,7 +614,11 @@ def main(argv=None) -> int:
         model.load_state_dict(state, strict=True)
         if CONFIG["tie_word_embeddings"]:
             model.head.weight = model.embed.weight
-        print(f"initialised from {args.init_from}", flush=True)
+        if INIT.get("free_rope_channels"):
+            with torch.no_grad():
+                free_rope_channels(model)
+        print(f"initialised from {args.init_from}" + (" (RoPE channels freed)" if INIT.get("free_rope_channels") else ""),
+              flush=True)
     model = model.to(device)
     for blk in model.layers:
         if args.query_block:
@@ -622,7 +688,7 @@ def main(argv=None) -> int:
                                                     task_opts=opts.get("task"))
                 kl_seed = rng.randrange(1 << 30)
             with dense_csa(model, dense):
-                loss, st = forward_losses(model, probe, ids, lm_pos, ans, args, kl_seed, device, hca_probe)
+                loss, st = forward_losses(model, probe, ids, lm_pos, ans, args, kl_seed, device, hca_probe, meta)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
