@@ -5,8 +5,9 @@
 #   PHASE=2 INIT=<phase 1's export>     bash train/cpu_end.sh   # 150 at 16,384: tried, not shipped
 #   PHASE=3 INIT=<phase 1's export>     bash train/cpu_end.sh   # 500 at 4,096 with position skips: tried
 #   PHASE=4 INIT=<phase 1's export>     bash train/cpu_end.sh   # RoPE channels freed, 600 at 4,096: shipped
+#   PHASE=5 INIT=<phase 4's export>     bash train/cpu_end.sh   # 600 more as phase 4 (the CPU-only rerun)
 #
-# (18.3, 29.3, 14.7 and 17.1 min of step time on the 2-vCPU box; $RUN/exp/step<N> holds each stage end's export.)
+# (18.3, 29.3, 14.7, 17.1 and 20.0 min of step time on the 2-vCPU box; $RUN/exp/step<N> holds each stage end's export.)
 # Why: until here a needle on the haystack's last line, right before the question, was answered with stray
 # digits or newlines at 32k-128k (and sometimes at 4k). In training, the recap drill (tasks.add_recap, 60% of
 # examples) puts lines holding *unasked* values right before the question, so 52% of needle examples had an
@@ -42,7 +43,10 @@ case $PHASE in
   4) SEED=5618; INIT_OPTS='"free_rope_channels": true'
      O='"mix": [["niah", 0.8], ["kv", 0.2]], "w_hca": 2.0, "skip_p": 0.5, "skip_max": 262144, "task": {'"$TASK"'}'
      STAGES='["rope-free-4096", '"${STEPS:-600}"', 4096, 1, false, 1e-4, {'"$O"'}]' ;;
-  *) echo "PHASE must be 1, 2, 3 or 4" >&2; exit 2 ;;
+  5) SEED=5619  # phase 4's regime again, from phase 4's end (channels already free), at half the rate
+     O='"mix": [["niah", 0.8], ["kv", 0.2]], "w_hca": 2.0, "skip_p": 0.5, "skip_max": 262144, "task": {'"$TASK"'}'
+     STAGES='["more-4096", '"${STEPS:-600}"', 4096, 1, false, 5e-5, {'"$O"'}]' ;;
+  *) echo "PHASE must be 1, 2, 3, 4 or 5" >&2; exit 2 ;;
 esac
 EXP='{"task": {'"$TASK"'}, "mix": [["niah", 0.8], ["kv", 0.2]], "init": {'"${INIT_OPTS:-}"'}, "stages": ['"$STAGES"']}'
 $PY train/train.py --out "$RUN" --init-from "$INIT" --seed "$SEED" --threads 2 --eval-every 1000 --eval-n 8 \
