@@ -338,11 +338,17 @@ class Attention(nn.Module):
             per_query = max(per_query, H * n * 4 * 2)
         # 128 queries per block: each then reads at most 255 window keys for its <= 128 useful ones
         block = max(1, min(S, self.query_block, self.score_budget // per_query))
-        out = q.new_empty(B, S, H, d)
         scale = d ** -0.5
-        for qs in range(0, S, block):
+        # split, not slices: in training, each slice's backward writes a zero tensor of the whole input
+        # (per block, so O(S^2 / block) memory traffic); split's backward is one concatenation
+        q_blocks = q.split(block, dim=1)
+        iq_blocks = iw_blocks = None
+        if self.indexer is not None and n:
+            iq_blocks, iw_blocks = iq.split(block, dim=1), iw.split(block, dim=1)
+        outs = []
+        for bi, qs in enumerate(range(0, S, block)):
             qe = min(S, qs + block)
-            qb, pos = q[:, qs:qe], positions[qs:qe]
+            qb, pos = q_blocks[bi], positions[qs:qe]
             k0 = max(0, off + qs - self.window + 1)  # first key any query of the block can see
             kw = keys[:, k0 : off + qe]  # [B, Lb, d]
             band = self._window_mask(pos, off + qe, k0)  # [Sq, Lb]
@@ -352,7 +358,7 @@ class Attention(nn.Module):
             if n:
                 thr = (pos + 1) // self.rate
                 if self.indexer is not None:
-                    sel, sel_scores = select_topk(self.indexer.scores(iq[:, qs:qe], iw[:, qs:qe], ikeys), thr,
+                    sel, sel_scores = select_topk(self.indexer.scores(iq_blocks[bi], iw_blocks[bi], ikeys), thr,
                                                   self.indexer.topk)
                     bidx = torch.arange(B, device=q.device)[:, None, None]
                     kc = entries[bidx, sel.clamp(min=0)]  # [B, Sq, K, d]: the only entries this block reads
@@ -361,8 +367,11 @@ class Attention(nn.Module):
                 else:
                     # entries [0, t0) are seen by every query of the block: fused passes over them (CPU, not
                     # captured), each standing in as one logit, its log-sum-exp, whose value is its softmax-
-                    # weighted average -- the same softmax, split in parts; the rest is masked per query
-                    t0 = int(thr.min()) if capture is None and q.device.type == "cpu" else 0
+                    # weighted average -- the same softmax, split in parts; the rest is masked per query.
+                    # Not under autograd: the fused kernel's backward drops the log-sum-exp's gradient.
+                    fused = capture is None and q.device.type == "cpu" and not (
+                        torch.is_grad_enabled() and (qb.requires_grad or entries.requires_grad))
+                    t0 = int(thr.min()) if fused else 0
                     parts = []
                     if t0:
                         oc, lse = dense_attention(qb, entries[:, :t0], scale, torch.get_num_threads())
@@ -386,10 +395,10 @@ class Attention(nn.Module):
                 pc = probs[..., c0:-1].to(kc.dtype)
                 o = o + (torch.einsum("bhqk,bqkd->bqhd", pc, kc) if sel is not None
                          else torch.einsum("bhqn,bnd->bqhd", pc, kc))
-            out[:, qs:qe] = o
+            outs.append(o)
             if capture is not None:
                 self._record(capture, pos, probs, kw.shape[1], sel, sel_scores, entries)
-        return out
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
     def _record(self, capture, positions, probs, n_window, sel, sel_scores, entries):
         """Hands what this block attended to to the capture (head-averaged; read-only)."""

@@ -278,3 +278,27 @@ def test_logits_to_keep_skips_work_not_state(model, ids, reference):
         rest = model(ids[:, 500:], cache)
     torch.testing.assert_close(rest, full[:, 500:], atol=1e-4, rtol=1e-4)
     assert cache.nbytes() == cache_full.nbytes()
+
+
+@pytest.mark.parametrize("block", [64, 1000])
+def test_sparse_gradients_equal_eager(model, ids, block):
+    """Training differentiates the sparse path (train/train.py): its gradients, over several query blocks
+    or one, must be the eager reference's."""
+    grads = {}
+    for impl in ("eager", "sparse"):
+        model.attn_impl = impl
+        for blk in model.layers:
+            blk.attn.query_block = block
+        model.zero_grad(set_to_none=True)
+        try:
+            with torch.enable_grad():
+                model(ids[:, :300]).logsumexp(-1).mean().backward()
+        finally:
+            model.attn_impl = "sparse"
+            for blk in model.layers:
+                blk.attn.query_block = 128
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["sparse"].keys() == grads["eager"].keys() and len(grads["eager"]) > 20
+    for n, g in grads["eager"].items():
+        torch.testing.assert_close(grads["sparse"][n], g, atol=1e-6, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+    model.zero_grad(set_to_none=True)

@@ -300,3 +300,27 @@ def test_time_budget_fits_the_last_stage(tmp_path, monkeypatch):
     shipped = runtime.load_model(REPO / "assets" / "model")
     diff = max((a - b).abs().max().item() for a, b in zip(first.parameters(), shipped.parameters()))
     assert 0 < diff < 1e-2
+
+
+def test_cpu_recipe(tmp_path, monkeypatch):
+    """--recipe cpu: STAGES' first five stages, then long stages with position skips and the asked needle
+    last in a share of examples; the model starts with the RoPE-free slot layout."""
+    import tasks
+
+    stages = T.RECIPES["cpu"][0]
+    assert stages[:5] == T.STAGES[:5] and sum(s[1] for s in stages) < sum(s[1] for s in T.STAGES)
+    for name, steps, length, batch, dense, lr, opts in stages[5:]:
+        assert not dense and length >= 4096 and opts["skip_p"] > 0 and opts["task"]["last_p"] > 0
+    text = (REPO / "assets" / "examples" / "lighthouse_log.md").read_text()
+    monkeypatch.setattr(tasks.TokenPool, "corpus",
+                        classmethod(lambda cls, split, max_bytes, tok, cache_dir=None: cls.from_texts([text] * 8, tok)))
+    out = tmp_path / "run"
+    T.main(["--out", str(out), "--recipe", "cpu", "--device", "cpu", "--max-steps", "0", "--eval-every", "0",
+            "--export-stages", str(out / "exp")])
+    m = runtime.load_model(out / "exp" / "step0")  # the initial weights
+    ref = T.build_model(1234)  # INIT is now the cpu recipe's
+    for blk, rb in zip(m.layers, ref.layers):
+        if blk.attn.indexer is not None:
+            torch.testing.assert_close(blk.attn.compressor.ape, rb.attn.compressor.ape)
+            R = m.config.qk_rope_head_dim
+            assert (blk.attn.compressor.ape[:, -R:] == 0).all()  # the RoPE channels pool the window evenly

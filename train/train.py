@@ -3,6 +3,7 @@
     .venv/bin/python train/train.py --out train/runs/ds4-tiny            # full curriculum (resumes if a checkpoint exists)
     .venv/bin/python train/train.py --out train/runs/smoke --smoke       # a few minutes: does it learn at all?
     .venv/bin/python train/train.py --out train/runs/ds4-tiny --export assets/model   # write the shipped folder
+    .venv/bin/python train/train.py --out train/runs/cpu --recipe cpu --threads 2 --time-budget 112  # all on a CPU
 
 The model is the runtime's own ``runtime.model.Transformer`` built from ``CONFIG`` (a transformers-style
 config.json); training calls its ordinary differentiable forward. Losses:
@@ -38,6 +39,10 @@ that channel group s of an entry holds token s of its window, and the slot loss 
 slot s. Without both, 2.3M tokens of training found the needle's entry every time and still copied
 nothing (assets/model/MODEL_CARD.md, training history); with them the copy circuit forms in a few hundred
 steps.
+
+Recipes (``--recipe``): ``shipped`` is ``STAGES``, the CPU part of the shipped model, which then had GPU phases
+(train/gpu_long.sh) and a CPU finish (train/cpu_end.sh); ``cpu`` (``CPU_STAGES``) folds what those taught into
+one run that fits two hours on two CPU cores.
 
 Curriculum (``STAGES``): the first stage runs the CSA layer dense over all compressed entries (the indexer
 is detached from the forward; V3.2's dense warm-up) at short length; later stages use the real sparse top-k
@@ -163,6 +168,20 @@ STAGES = [
     ("long-8192c", 200, 8192, 1, False, 3e-5, {"mix": [["niah", 0.8], ["kv", 0.2]], "w_hca": 2.0,
                                                "task": {"value_fmt": "number", "max_needles": 6, "edge_p": 0.2}}),
 ]
+# The CPU recipe (``--recipe cpu``): the whole run on a 2-core CPU in about two hours, no GPU phases, no
+# separate finish. The first five stages are STAGES' own; what the shipped model learnt in its GPU phases and
+# CPU finish is folded into the long stages from the start: the slot layout keeps RoPE's channels free
+# (slot_layout rope_free, instead of free_rope_channels later), half the steps skip 4k-256k RoPE positions
+# between the asked value and the question (PoSE: far distances at 4,096-8,192 tokens' cost), and 30% of
+# needle examples put the asked needle right before the question (``last_p``, instead of cpu_end.sh phase 1).
+_LONG = {"mix": [["niah", 0.8], ["kv", 0.2]], "w_hca": 2.0, "skip_p": 0.5, "skip_max": 262144,
+         "task": {"value_fmt": "number", "max_needles": 6, "edge_p": 0.2, "last_p": 0.3}}
+CPU_STAGES = STAGES[:5] + [
+    ("long-4096", 700, 4096, 1, False, 3e-4, _LONG),
+    ("long-8192", 200, 8192, 1, False, 2e-4, _LONG),
+    ("anneal-4096", 600, 4096, 1, False, 1e-4, _LONG),
+]
+RECIPES = {"shipped": (STAGES, {"ape_slots": 5.0}), "cpu": (CPU_STAGES, {"ape_slots": 5.0, "rope_free": True})}
 SMOKE_STAGES = [("smoke-dense-384", 120, 384, 4, True, 2e-3, {}), ("smoke-sparse-512", 20, 512, 2, False, 1e-3, {})]
 MIX = (("niah", 0.7), ("kv", 0.2), ("continue", 0.1))
 RECAP_P = 0.6  # share of training examples with a copy drill (tasks.add_recap)
@@ -534,6 +553,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(REPO / "train" / "runs" / "ds4-tiny"))
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--smoke", action="store_true", help="tiny curriculum to check that learning starts")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="shipped",
+                    help="stages and initial layout: 'shipped' (STAGES, then the GPU phases and CPU finish of "
+                         "the model card) or 'cpu' (CPU_STAGES: everything in one CPU run)")
     ap.add_argument("--pool-bytes", type=int, default=16_000_000, help="train-split text for haystacks")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 is several times faster than 2 on the shared 2-core machine")
@@ -577,6 +599,7 @@ def main(argv=None) -> int:
                     '{"mix": [["niah", 1.0]], "task": {"max_needles": 1}, "stages": [[name, steps, T, B, dense, lr, {}]]}')
     args = ap.parse_args(argv)
     global MIX, TASK_OPTS, RECAP_P, INIT
+    recipe_stages, INIT = RECIPES[args.recipe]
     stages_override = None
     if args.experiment:
         exp = json.loads(args.experiment)
@@ -592,7 +615,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
     device = torch.device(args.device)
-    stages = stages_override or (SMOKE_STAGES if args.smoke else STAGES)
+    stages = stages_override or (SMOKE_STAGES if args.smoke else recipe_stages)
 
     tok = Tokenizer.default()
     t0 = time.time()
