@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 3's bar for a trained model: single needle (held-out haystacks, depths 0-1) at 4k, 32k and 128k tokens
-# over seeds 0, 1 and 2, 20 questions per (length, seed), in two one-thread streams (~10 min on 2 vCPUs):
+# over seeds 0, 1 and 2, 20 questions per (length, seed), in two one-thread streams (~20 min on 2 vCPUs):
 #
 #   bash train/eval_seeds.sh MODEL_DIR OUT_DIR
 #
