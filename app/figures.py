@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-__all__ = ["Doc", "bin_positions", "format_bytes", "selection_heatmap", "mass_split_bar",
+__all__ = ["Doc", "bin_positions", "byte_unit", "format_bytes", "selection_heatmap", "mass_split_bar",
            "hca_weights", "compression_boundary", "cache_ledger"]
 
 FONT = dict(family="system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif", size=13)
@@ -49,13 +49,22 @@ def _docs(docs: Iterable | None, n_tokens: int) -> list[Doc]:
     return sorted((d for d in out if d.token_end > d.token_start), key=lambda d: d.token_start)
 
 
+BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def byte_unit(n: float) -> tuple[str, int]:
+    """The binary unit that shows byte counts up to ``n`` as numbers under 1024, and its size:
+    ``byte_unit(3 << 20) == ('MiB', 1 << 20)``."""
+    for i, unit in enumerate(BYTE_UNITS):
+        if abs(n) < 1024 ** (i + 1) or unit == BYTE_UNITS[-1]:
+            return unit, 1024 ** i
+    raise AssertionError("unreachable")
+
+
 def format_bytes(n: float) -> str:
     """Binary-unit byte count: ``format_bytes(1536) == '1.5 KiB'``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            break
-        n /= 1024
-    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+    unit, size = byte_unit(n)
+    return f"{n:.0f} B" if unit == "B" else f"{n / size:.1f} {unit}"
 
 
 def bin_positions(values_per_entry, entry_tokens: int, n_tokens: int, max_columns: int,
@@ -283,22 +292,24 @@ def compression_boundary(n_tokens: int, window: int = 128, ratios: Mapping[int, 
 
 
 def cache_ledger(nbytes: Mapping[str, int], dense_bytes: int) -> go.Figure:
-    """Cache bytes per component (stacked) next to the dense-equivalent KV cache."""
+    """Cache bytes per component (stacked) next to the dense-equivalent KV cache. The axis is in
+    one binary unit (KiB, MiB, GiB...) chosen from the longer bar; hovers give the exact bytes."""
     title = "KV cache ledger"
     if not nbytes and dense_bytes <= 0:
         return _empty(title, "No cache allocated yet.")
     if any(v < 0 for v in nbytes.values()) or dense_bytes < 0:
         raise ValueError("byte counts must be non-negative")
+    total = sum(nbytes.values())
+    unit, size = byte_unit(max(total, dense_bytes))
     fig = go.Figure()
     palette = ["#4C78A8", "#F58518", "#54A24B", "#B279A2", "#E45756", "#72B7B2", "#EECA3B", "#FF9DA6"]
     for i, (name, b) in enumerate(nbytes.items()):
-        fig.add_trace(go.Bar(x=[b], y=["this cache"], orientation="h", name=name,
+        fig.add_trace(go.Bar(x=[b / size], y=["this cache"], orientation="h", name=name,
                              marker_color=palette[i % len(palette)], text=[format_bytes(b)],
                              hovertemplate=f"{name}: {format_bytes(b)} ({b:,} B)<extra></extra>"))
-    fig.add_trace(go.Bar(x=[dense_bytes], y=["dense equivalent"], orientation="h", name="dense equivalent",
+    fig.add_trace(go.Bar(x=[dense_bytes / size], y=["dense equivalent"], orientation="h", name="dense equivalent",
                          marker_color=COLORS["sink"], text=[format_bytes(dense_bytes)],
                          hovertemplate=f"dense: {format_bytes(dense_bytes)} ({dense_bytes:,} B)<extra></extra>"))
-    total = sum(nbytes.values())
     note = f"total {format_bytes(total)}"
     if dense_bytes > 0:
         note += f" = {total / dense_bytes:.1%} of dense"
@@ -308,5 +319,6 @@ def cache_ledger(nbytes: Mapping[str, int], dense_bytes: int) -> go.Figure:
                        yanchor="bottom", showarrow=False)
     fig.update_layout(barmode="stack", legend=dict(orientation="h", y=-0.25))
     fig.update_traces(textposition="inside", insidetextanchor="middle")
-    fig.update_xaxes(title="bytes")
+    # plotly's own tick format would print SI prefixes ("0.5B" for half a billion bytes)
+    fig.update_xaxes(title=f"cache size ({unit})", ticksuffix=f" {unit}", exponentformat="none", rangemode="tozero")
     return _style(fig, title, height=300)

@@ -3,7 +3,7 @@
 Pure (no gradio, no torch). Everything that came from a user or the model is escaped here, once.
 Clickable things carry `data-ll-open="<target>"` (or, inside chat messages, whose sanitizer drops
 data- attributes, a class `ll-open-src-<turn>-<i>`); app/bridge.js turns a click on them into a
-source-viewer request (targets are parsed by Workspace.source_target).
+source-viewer request (targets are parsed by app/inspector_view.py: parse_target).
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ def messages(turns: Sequence) -> list[dict]:
 
 # ------------------------------------------------------------------------------------ source viewer
 def source_view(view) -> str:
-    """The document window of a Workspace.SourceView, target lines marked, heat as background."""
+    """The document window of an inspector_view.SourceView, target lines marked, heat as background."""
     a, b = view.target
     rows = []
     for k, (line, h) in enumerate(zip(view.lines, view.heat)):

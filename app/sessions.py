@@ -145,7 +145,9 @@ class SessionFiles:
 
 
 class Busy(RuntimeError):
-    """The user's workspace is already running a job (one at a time per user)."""
+    """The user's workspace is already running a job (one at a time per user); the message says which."""
+
+    code = "busy"  # app/errors.py
 
 
 class Registry(Generic[W]):
@@ -179,7 +181,7 @@ class Registry(Generic[W]):
             while ws.busy == SAVING:  # being spilled right now: wait, then reload it
                 self._cond.wait()
             if ws.busy:
-                raise Busy(f"still busy ({ws.busy}); wait for it or press Stop")
+                raise Busy(f"your session is still busy ({ws.busy}); wait for it or press Stop")
             ws.busy = task
         try:
             if not ws.resident:

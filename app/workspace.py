@@ -6,8 +6,8 @@ the views need -- the corpus layout, the turns with their sources, the last answ
 the memory figures -- stays here, so the page keeps working while the session is on disk.
 
 Model jobs (`load_corpus`, `load_snapshot`, `ask`, `retry`, `clear`) run only inside
-`Registry.use`, one at a time per user; views (`doc_rows`, `selection`, `source_view`, ...) only
-read plain data and may run at any time.
+`Registry.use`, one at a time per user; views (`doc_rows`, `inspector()`: the inspector's
+view-model, app/inspector_view.py) only read plain data and may run at any time.
 """
 
 from __future__ import annotations
@@ -20,20 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
-
 import runtime
-from runtime import Answer, EngineError, GenerationParams, Piece, SnapshotError
+from runtime import Answer, GenerationParams, LonglensError, Piece
 
-from .figures import bin_positions
+from .errors import AppError, InputError, code_of, explain
+from .inspector_view import Inspector, LineCache, Shape, SourceView
 from .sessions import large_allocations
-
-VIEW_LINES = 160  # most lines the source viewer shows around its target
-HEAT_COLUMNS = 2000  # the heatmap's column cap (figures.selection_heatmap's max_columns)
-
-
-class InputError(ValueError):
-    """Unusable upload or corpus; the message says which file and why."""
 
 
 @dataclass
@@ -46,18 +38,6 @@ class TurnView:
     timings: dict = field(default_factory=dict)
     note: str = ""  # an error or a remark shown under the answer
     provenance: object | None = None  # runtime Provenance; kept for the last turn only
-
-
-@dataclass(frozen=True)
-class SourceView:
-    """A window of one document's lines for the source viewer; `heat` in [0, 1] per line shown."""
-    name: str
-    first_line: int  # 1-based number of lines[0]
-    lines: list[str]
-    heat: list[float]
-    target: tuple[int, int]  # line range to mark and scroll to (0, 0: none)
-    total_lines: int
-    caption: str
 
 
 def unique_names(names: Sequence[str]) -> list[str]:
@@ -119,7 +99,7 @@ class Workspace:
         self.dense_bytes = 0
         self.own_snapshots: list[str] = []
         self.notice = ""  # shown once with the next status (e.g. a spill that could not be saved)
-        self._lines: dict[int, list[str]] = {}
+        self._lines = LineCache()  # documents split into lines, for the source viewer
 
     # ------------------------------------------------------------------------------------ residency
     @property
@@ -135,7 +115,7 @@ class Workspace:
             try:
                 shutil.rmtree(folder, ignore_errors=True)
                 self.spilled = s.save_snapshot(folder)
-            except (EngineError, SnapshotError, OSError) as e:
+            except (LonglensError, OSError) as e:
                 self.notice = (f"Memory was needed for other users and your session could not be saved ({e}); "
                                "load your files again.")
                 self._forget_corpus()
@@ -144,13 +124,13 @@ class Workspace:
     def unspill(self) -> None:
         """Make the session resident again: a fresh one, or the spilled snapshot reloaded."""
         if self.engine is None:
-            raise EngineError("no model is loaded")
+            raise AppError("no model is loaded", code="no_model")
         session = self.engine.new_session()
         if self.spilled is not None:
             path, self.spilled = self.spilled, None
             try:
                 session.load_snapshot(path)
-            except (EngineError, SnapshotError, OSError) as e:
+            except (LonglensError, OSError) as e:
                 self.notice = f"Your session could not be restored from disk ({e}); load your files again."
                 self._forget_corpus()
             finally:
@@ -169,7 +149,7 @@ class Workspace:
     def load_corpus(self, uploads: Sequence[tuple[str, str]], progress: Callable | None = None,
                     snapshot_dir: str | Path | None = None, take_from: str | Path | None = None):
         """Ingest and prefill (or reuse a snapshot of) the uploaded files; returns the LoadReport.
-        Raises InputError / EngineError (ContextTooLarge, ...) with the session as it was, except
+        Raises InputError / a runtime LonglensError (ContextTooLarge, ...) with the session as it was, except
         when the prefill had begun (stopped, or a failure such as out of memory): the session is then
         left empty rather than holding part of the new corpus.
 
@@ -242,7 +222,8 @@ class Workspace:
     def _adopt(self, report) -> None:
         s = self.session
         self.report, self.layout, self.offset, self.docs = report, s.layout, s.offset, s.docs()
-        self.turns, self.focus, self._lines = [], None, {}
+        self.turns, self.focus = [], None
+        self._lines.clear()
         if report.snapshot is not None:
             if str(report.snapshot) not in self.own_snapshots:
                 self.own_snapshots.append(str(report.snapshot))
@@ -251,7 +232,8 @@ class Workspace:
         self.refresh_memory()
 
     def _forget_corpus(self) -> None:
-        self.layout, self.docs, self.turns, self.focus, self.report, self._lines = None, [], [], None, None, {}
+        self.layout, self.docs, self.turns, self.focus, self.report = None, [], [], None, None
+        self._lines.clear()
         self.n_tokens, self.cache_bytes, self.dense_bytes = 0, {}, 0
 
     def refresh_memory(self) -> None:
@@ -281,15 +263,15 @@ class Workspace:
                     turn.provenance = item.provenance
                     turn.sources = list(item.provenance.sources) if item.provenance is not None else []
                 yield turn
-        except EngineError as e:
-            turn.note = str(e).replace("call reset_chat()", "press Clear chat")
+        except Exception as e:
+            if code_of(e) is None:  # the model failed (e.g. out of memory): say so under the turn, then raise
+                turn.note = f"The model failed ({type(e).__name__}: {e}); press Clear chat to go on with your corpus."
+                turn.stop_reason = "error"
+                yield turn
+                raise
+            turn.note = explain(e).text()  # a request it could not serve: what to do instead
             turn.stop_reason = turn.stop_reason or "error"
             yield turn
-        except Exception as e:  # the model failed (e.g. out of memory): say so under the turn, then raise
-            turn.note = f"The model failed ({type(e).__name__}: {e}); press Clear chat to go on with your corpus."
-            turn.stop_reason = "error"
-            yield turn
-            raise
         finally:
             for older in self.turns[:-1]:
                 older.provenance = None  # only the last answer is inspected; keep memory flat
@@ -300,7 +282,7 @@ class Workspace:
         """Answer the last question again: the cache rewinds to just before it (earlier turns stay). After
         a snapshot reload the turns cannot be undone one by one: then it rewinds to the corpus end."""
         if not self.turns:
-            raise EngineError("nothing to retry yet: ask a question first")
+            raise InputError("nothing to retry yet: ask a question first", code="nothing_to_undo")
         question, note = self.turns[-1].question, ""
         if self.session.can_undo():
             self.session.undo_turn()
@@ -324,134 +306,11 @@ class Workspace:
     def provenance(self):
         return self.turns[-1].provenance if self.turns else None
 
-    def selection(self, focus: int | None, counts: bool = False) -> tuple[dict, dict]:
-        """({CSA layer: value per entry}, {HCA layer: weight per entry}) of the whole last answer
-        (focus None) or of its answer token `focus`; `counts`: times picked instead of weight."""
-        prov = self.provenance
-        if prov is None:
-            return {}, {}
-        if focus is None:
-            return dict(prov.csa_counts if counts else prov.csa), dict(prov.hca)
-        tok = prov.tokens[focus]
-        csa, hca = {}, {}
-        for layer, (ids, w) in tok.entries.items():
-            n = prov.n_context // prov.rates[layer]
-            arr = np.zeros(n)
-            ok = (ids >= 0) & (ids < n)
-            arr[ids[ok]] = 1.0 if (counts and layer in prov.csa) else w[ok]
-            (csa if layer in prov.csa else hca)[layer] = arr
-        return csa, hca
-
-    def csa_rate(self) -> int:
-        return self.engine.config.csa_rate
-
-    def cell_position(self, layer: int, column: int, focus: int | None) -> int | None:
-        """Context position of the heaviest selected entry in heatmap cell (layer, column)."""
-        prov = self.provenance
-        sel = self.selection(focus)[0].get(layer)
-        if prov is None or sel is None:
-            return None
-        rate = prov.rates[layer]
-        edges, _ = bin_positions(np.zeros(0), rate, prov.n_context, HEAT_COLUMNS)
-        if not 0 <= column < len(edges) - 1:
-            return None
-        a, b = int(edges[column]) // rate, -(-int(edges[column + 1]) // rate)
-        part = sel[a:b]
-        if part.size == 0 or not np.any(part > 0):
-            return None
-        return (a + int(np.argmax(part))) * rate
-
-    def source_target(self, target: str, focus: int | None) -> SourceView:
-        """The viewer for a target: 'src:<turn>:<i>' (a source chip), 'pos:<context position>',
-        'cell:<layer>:<column>' (a heatmap cell) or 'file:<name>:<line>'."""
-        kind, _, rest = target.partition(":")
-        try:
-            if kind == "src":
-                t, i = (int(x) for x in rest.split(":"))
-                src = self.turns[t].sources[i]
-            elif kind == "cell":
-                layer, col = (int(x) for x in rest.split(":"))
-            elif kind == "pos":
-                pos = int(rest)
-            elif kind == "file":
-                name, _, line = rest.rpartition(":")
-                line = int(line)
-            else:
-                raise ValueError(kind)
-        except (ValueError, IndexError):
-            raise InputError(f"nothing to open at {target!r}") from None
-        if kind == "src":
-            last = t == len(self.turns) - 1
-            return self.source_view(src.file, src.line_start, src.line_end, focus if last else None,
-                                    caption=f"source {i + 1} of answer {t + 1} · {src.weight:.0%} of the "
-                                    f"corpus-bound attention · layers {', '.join(map(str, src.layers))}")
-        if kind == "cell":
-            pos = self.cell_position(layer, col, focus)
-            if pos is None:
-                raise InputError("that heatmap cell holds no selected block")
-            return self.position_view(pos, focus, f"picked by CSA layer {layer}")
-        if kind == "pos":
-            return self.position_view(pos, focus)
-        return self.source_view(name, line, line, focus)
-
-    def position_view(self, pos: int, focus: int | None, why: str = "") -> SourceView:
-        rate = self.csa_rate()
-        spans = self.layout.locate(pos - self.offset, pos - self.offset + rate) if self.layout else []
-        spans = [s for s in spans if s.line_start > 0]
-        if not spans:
-            raise InputError(f"context tokens {pos:,}–{pos + rate - 1:,} are not document text "
-                             "(file header, chat preamble or the conversation)")
-        s = spans[0]
-        cap = f"tokens {pos:,}–{pos + rate - 1:,}" + (f" · {why}" if why else "")
-        return self.source_view(s.name, s.line_start, s.line_end, focus, caption=cap)
-
-    def source_view(self, name: str, line_start: int, line_end: int, focus: int | None,
-                    caption: str = "") -> SourceView:
-        """Document `name` around lines [line_start, line_end], each line's heat being the share of
-        the selected CSA attention (whole answer or token `focus`) that landed on it."""
-        if self.layout is None:
-            raise InputError("no corpus is loaded")
-        names = [d.name for d in self.layout.documents]
-        if name not in names:
-            raise InputError(f"no document named {name!r} in this corpus")
-        i = names.index(name)
-        lines = self._doc_lines(i)
-        n = len(lines)
-        line_start, line_end = max(1, min(line_start, n)), max(1, min(max(line_end, line_start), n))
-        mid = (line_start + line_end) // 2
-        first = max(1, min(mid - VIEW_LINES // 2, n - VIEW_LINES + 1))
-        last = min(n, first + VIEW_LINES - 1)
-        heat = self._line_heat(i, focus)
-        shown = [heat.get(k, 0.0) for k in range(first, last + 1)]
-        top = max(heat.values(), default=0.0) or 1.0
-        return SourceView(name, first, lines[first - 1:last], [h / top for h in shown], (line_start, line_end), n,
-                          caption)
-
-    def _doc_lines(self, i: int) -> list[str]:
-        if i not in self._lines:
-            if len(self._lines) > 8:
-                self._lines.clear()
-            self._lines[i] = self.layout.texts[i].split("\n")
-        return self._lines[i]
-
-    def _line_heat(self, i: int, focus: int | None) -> dict[int, float]:
-        """Line -> attention weight (summed over CSA layers) of the selected entries in document i."""
-        prov = self.provenance
-        if prov is None:
-            return {}
-        d = self.layout.documents[i]
-        lo, hi = d.text_start + self.offset, d.text_end + self.offset  # context positions of its text
-        heat: dict[int, float] = {}
-        for layer, arr in self.selection(focus)[0].items():
-            rate = prov.rates[layer]
-            ids = np.flatnonzero(arr[lo // rate: -(-hi // rate)]) + lo // rate
-            for e in ids.tolist():
-                for s in self.layout.locate(e * rate - self.offset, e * rate + rate - self.offset):
-                    if s.name == d.name and s.line_start > 0:
-                        share = float(arr[e]) / (s.line_end - s.line_start + 1)
-                        for k in range(s.line_start, s.line_end + 1):
-                            heat[k] = heat.get(k, 0.0) + share
-        return heat
+    def inspector(self) -> Inspector:
+        """The inspector's view-model over this workspace's data (app/inspector_view.py)."""
+        return Inspector(self.layout, self.offset, self.provenance, [t.sources for t in self.turns],
+                         Shape.of(self.engine.config if self.engine is not None else None), self.n_tokens, self._lines)
 
 
+# InputError (app/errors.py) and SourceView (app/inspector_view.py) are re-exported for callers that knew them here
 __all__ = ["InputError", "SourceView", "TurnView", "Workspace", "build_corpus", "unique_names"]

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from runtime.config import CSA, HCA, SLIDING
+
 from . import configs, report
 from .machine import copy_bandwidth, machine_info, matmul_peak, meminfo, small_op_latency
 
@@ -91,11 +93,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                    help="write the result set as JSON to PATH (or stdout with no PATH, tables then go to stderr)")
     p.add_argument("--write-md", nargs="?", const="BENCHMARKS.md", default=None, metavar="PATH",
-                   help="render BENCHMARKS.md (and bench/results/benchmarks.svg + .json) from this run and --include")
+                   help="render BENCHMARKS.md (and bench/results/benchmarks.svg + .json) from this run and --include,"
+                        " the newest set of each kind (this run replaces the section of its own kind)")
     p.add_argument("--results-dir", default=str(RESULTS),
                    help="where --write-md puts benchmarks.svg and benchmarks.json (default: bench/results)")
     p.add_argument("--include", nargs="*", default=[], metavar="JSON",
-                   help="earlier result sets to render with this one (--write-md)")
+                   help="earlier result sets to render with this one (--write-md; default: those in"
+                        " <results-dir>/benchmarks.json, the sets already on the page)")
     p.add_argument("--report", nargs="+", metavar="JSON", help="render these result sets only; run nothing")
     p.add_argument("--label", help="a name for this result set in BENCHMARKS.md")
     p.add_argument("--note", help="a sentence printed under this result set in BENCHMARKS.md")
@@ -146,7 +150,7 @@ def resolve_model(args) -> tuple[dict, str | None]:
 
 
 def _summary(cfg: dict) -> str:
-    short = {"sliding_attention": "sliding", "compressed_sparse_attention": "CSA", "heavily_compressed_attention": "HCA"}
+    short = {SLIDING: "sliding", CSA: "CSA", HCA: "HCA"}
     lt = cfg.get("layer_types")
     return (f"vocab {cfg.get('vocab_size')}, hidden {cfg.get('hidden_size')}, layers [{', '.join(short.get(t, t) for t in lt or [])}],"
             f" {cfg.get('num_attention_heads')} heads x {cfg.get('head_dim')}, window {cfg.get('sliding_window')},"
@@ -272,7 +276,8 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(rs, indent=1))
     if args.write_md:
-        sets = load_sets(args.include) + [rs]
+        prev = Path(args.results_dir) / "benchmarks.json"
+        sets = load_sets(args.include or ([prev] if prev.is_file() else [])) + [rs]
         write_md(sets, Path(args.write_md), Path(args.results_dir), command)
     failed = [r for r in rs["runs"] + rs["compare"] if r.get("status") != "ok"]
     return 1 if failed else 0
@@ -291,6 +296,7 @@ KEEP_MARKER = "<!-- sections below are written by other commands; python -m benc
 
 
 def write_md(sets: list[dict], md_path: Path, results: Path = RESULTS, command: str | None = None) -> None:
+    sets = report.latest_per_kind(sets)  # a newer run replaces the set of its kind
     md_path = md_path.resolve()
     results.mkdir(parents=True, exist_ok=True)
     svg = results / "benchmarks.svg"

@@ -18,8 +18,7 @@ import statistics
 import sys
 import time
 
-from .machine import proc_status, reset_peak_rss
-from .worker import _sync, torch_dtype
+from .machine import _sync, proc_status, reset_peak_rss, torch_dtype
 
 
 def rel_err(a, b) -> float:
@@ -174,6 +173,7 @@ def measure_compare(spec: dict) -> dict:
     from transformers import DeepseekV4ForCausalLM, DynamicCache
 
     import runtime
+    from runtime.generate import prefill
 
     device, dtype = spec["device"], torch_dtype(spec["dtype"])
     L, chunk, R = spec["context"], spec["chunk"], spec["compare_repeats"]
@@ -206,11 +206,8 @@ def measure_compare(spec: dict) -> dict:
     def hf_full():
         return hf(ids, use_cache=False).logits
 
-    def rt_chunked():
-        cache = rt.new_cache()
-        for s in range(0, L, chunk):
-            out = rt(ids[:, s : s + chunk], cache, logits_to_keep=1)
-        return out[:, -1]
+    def rt_chunked():  # the engine's prefill (runtime/generate.py)
+        return prefill(rt, ids[0].tolist(), rt.new_cache(), chunk_size=chunk, trim=False)[None]
 
     def hf_chunked():
         cache = DynamicCache(config=hf.config)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 
-SL, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
+from runtime.config import CSA, HCA, SLIDING as SL
 
 _YARN = {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 65536,
          "beta_fast": 32, "beta_slow": 1}

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import runtime  # noqa: E402
+from runtime.generate import decode_one_token, prefill  # noqa: E402
 from runtime.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -24,13 +25,14 @@ from runtime.tokenizer import Tokenizer  # noqa: E402
 def run(model, ids, decode: int, device):
     cache, cap = model.new_cache(), runtime.Capture()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    ids = ids[0].tolist()
+    n = len(ids) - decode
     sync(); t = time.perf_counter()
-    logits = model(ids[:, : ids.shape[1] - decode].to(device), cache)[:, -1:]
+    outs = [prefill(model, ids[:n], cache, chunk_size=n)]  # one forward, as before
     sync(); secs = time.perf_counter() - t
-    outs = [logits]
-    for i in range(ids.shape[1] - decode, ids.shape[1]):  # teacher-forced decode, selections captured
-        outs.append(model(ids[:, i : i + 1].to(device), cache, capture=cap))
-    logits = torch.cat(outs, dim=1).float().cpu()
+    for i in range(n, len(ids)):  # teacher-forced decode, selections captured
+        outs.append(decode_one_token(model, ids[i], cache, cap))
+    logits = torch.stack(outs)[None].float().cpu()  # [1, decode + 1, vocab]
     sel = {l: cap.record(l).selected.cpu() for l in cap.layers if cap.record(l).selected is not None}
     return logits, sel, secs
 

@@ -22,10 +22,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from runtime.config import CSA, HCA, SLIDING, ModelConfig
-
-CATS = ("sliding_attn", "csa_attn", "csa_compress", "indexer", "hca_attn", "hca_compress", "moe", "mhc", "other")
-_ATTN = {SLIDING: "sliding_attn", CSA: "csa_attn", HCA: "hca_attn"}
-_COMP = {CSA: "csa_compress", HCA: "hca_compress"}
+from runtime.timing import ATTN_CATEGORY as _ATTN, COMPRESS_CATEGORY as _COMP  # the time split's categories
 
 
 def _block(c: ModelConfig, ltype: str, Sq: int, n: int, budget: int) -> int:

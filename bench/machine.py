@@ -1,4 +1,8 @@
-"""The machine beside every table, the matmul peak of a dtype, and process memory readings."""
+"""The machine beside every table, the matmul peak of a dtype, and process memory readings.
+
+Also the helpers both worker kinds share (bench/worker.py, bench/compare.py): dtype names, the device
+sync and the peak-memory reading. This module imports nothing from bench/, so neither imports the other.
+"""
 
 from __future__ import annotations
 
@@ -68,6 +72,15 @@ def machine_info(device: str = "cpu") -> dict:
     return info
 
 
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+def torch_dtype(name: str):
+    import torch
+    return getattr(torch, DTYPES[name])
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
@@ -135,6 +148,16 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def _peak_mem(device: str) -> dict:
+    """Peak memory so far: this process's VmRSS / VmHWM / ..., and on CUDA the allocator's peaks."""
+    out = {"rss": proc_status()}
+    if device.startswith("cuda"):
+        import torch
+        out["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
+        out["cuda_max_reserved"] = torch.cuda.max_memory_reserved()
+    return out
 
 
 def small_op_latency(threads_list=(1, 2), reps: int = 300) -> dict[int, float]:

@@ -1,16 +1,23 @@
 """Console tables, BENCHMARKS.md and its SVG plot, from result sets (one per `python -m bench` run).
 
-A result set is the JSON the CLI writes: {"meta": {...}, "runs": [...], "compare": [...]}. The
-markdown is rendered from one or more sets (the current run plus --include files), each with its
-machine line; the Targets section takes every ratio from a single set (same run, same machine).
+A result set is the JSON the CLI writes: {"meta": {...}, "runs": [...], "compare": [...]}. The page
+shows the newest set of each kind (latest_per_kind: same weights folder or preset, device, dtype, threads
+and lengths), so a new run replaces its own section; the Targets section takes every figure from a single
+set (same run, same machine) and names the weights and CPU it was measured with. Older sets leave the tree
+for bench/results/history.tar.xz (bench/archive_results.py).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import math
+import re
+import shlex
 from html import escape
+from pathlib import Path
 
-from .split import CATEGORIES
+from runtime.timing import CATEGORIES
 
 CAT_LABEL = {"sliding_attn": "sliding", "csa_attn": "CSA attn", "csa_compress": "CSA compress",
              "indexer": "indexer", "hca_attn": "HCA attn", "hca_compress": "HCA compress", "moe": "MoE",
@@ -84,9 +91,9 @@ def machine_line(meta: dict) -> str:
     return line
 
 
-def model_line(meta: dict) -> str:
+def model_line(meta: dict, name: str | None = None) -> str:
     mm = meta.get("model", {})
-    s = f"Model: {mm.get('source')}"
+    s = f"Model: {name or mm.get('source')}"
     if mm.get("params"):
         s += f", {mm['params'] / 1e6:.2f}M parameters ({mm.get('active_params', 0) / 1e6:.2f}M active)"
     if mm.get("summary"):
@@ -295,39 +302,135 @@ def default_model_set(rs: dict) -> bool:
             and not str(rs["meta"]["machine"].get("device", "cpu")).startswith("cuda"))
 
 
+# ------------------------------------------------------------------------------------------------
+# result sets on the page: which one a newer run replaces, and what each figure names
+
+SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "model"
+_PAGE_ONLY = {"--label", "--note", "--write-md", "--include", "--results-dir", "--report"}  # not needed to rerun
+
+
+def started(rs: dict) -> dt.datetime:
+    return dt.datetime.fromisoformat(rs["meta"]["started"])
+
+
+def set_kind(rs: dict) -> tuple:
+    """What a newer run replaces: the same weights folder or preset (and overrides), device, dtype, torch
+    threads, lengths and --compare lengths. The weights in the folder may have changed since."""
+    meta = rs["meta"]
+    mm, st = meta.get("model", {}), meta.get("settings", {})
+    return (mm.get("preset") or mm.get("source"), json.dumps(mm.get("overrides") or {}, sort_keys=True),
+            meta["machine"].get("device"), st.get("dtype"), threads(rs),
+            tuple(st.get("contexts") or [r["context"] for r in rs.get("runs", [])]),
+            tuple(sorted(c["context"] for c in rs.get("compare", []))))
+
+
+def latest_per_kind(sets: list[dict]) -> list[dict]:
+    """The newest set of each kind, oldest first."""
+    latest = {}
+    for rs in sorted(sets, key=started):
+        latest[set_kind(rs)] = rs
+    return sorted(latest.values(), key=started)
+
+
+def _shipped_config() -> dict | None:
+    p = SHIPPED / "config.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def weights(meta: dict) -> str:
+    """The weights a set ran with: meta.model.checkpoint (a name recorded with the set), else a step named in
+    --label; "shipped config" when its config.json is the shipped model's (assets/model)."""
+    mm = meta.get("model", {})
+    if mm.get("preset"):
+        name = f"preset `{mm['preset']}`, random weights" + (", overridden" if mm.get("overrides") else "")
+    else:
+        step = re.search(r"step \d+(,\d{3})*", meta.get("label") or "")
+        name = mm.get("checkpoint") or (step.group(0) if step else
+                                        f"{mm.get('source')} (unnamed: give its step in --label)")
+    shipped = _shipped_config()
+    if shipped is not None and mm.get("config") is not None:
+        name += " (shipped config)" if mm["config"] == shipped else " (not the shipped config)"
+    return name
+
+
+def cpu(rs: dict) -> str:
+    """The processor, short: `Intel Xeon with AMX, 2 vCPU; 1 thread` (or the GPU)."""
+    m, th = rs["meta"]["machine"], threads(rs)
+    if str(m.get("device", "cpu")).startswith("cuda"):
+        return m.get("gpu") or m["device"]
+    name = " ".join(re.sub(r"\((R|TM)\)|\bProcessor\b|\bCPU\b|@.*", " ", m["cpu_model"]).split())
+    if "amx_bf16" in m.get("cpu_flags", []):
+        name += " with AMX"
+    return f"{name}, {m['logical_cpus']} vCPU; {th} thread{'s' if th != 1 else ''}"
+
+
+def result_name(rs: dict) -> str:
+    """The set's JSON file name (its --json), else when it started."""
+    argv = rs["meta"].get("argv") or []
+    path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--json" and argv[i + 1] != "-"), None)
+    return Path(path).name if path else rs["meta"]["started"]
+
+
+def rerun_command(meta: dict) -> str:
+    """The command that measured the set, without the options that only name it or write the page."""
+    argv = list(meta.get("argv") or [])
+    if argv and argv[0].endswith(".py"):
+        argv = argv[1:]
+    if not argv:
+        return meta["command"]
+    out, skip = [], False
+    for a in argv:
+        if a.startswith("--"):
+            skip = a.split("=", 1)[0] in _PAGE_ONLY
+        if not skip:
+            out.append(a)
+    return "python -m bench " + " ".join(shlex.quote(a) for a in out)
+
+
+def set_title(rs: dict) -> str:
+    meta = rs["meta"]
+    lengths = [r["context"] for r in rs.get("runs", [])]
+    s = f"`{result_name(rs)}`: {weights(meta)} · {cpu(rs)} · {', '.join(_kctx(L) for L in lengths)} tokens"
+    cmp = [c["context"] for c in rs.get("compare", [])]
+    return s + (f" · against transformers at {', '.join(_kctx(L) for L in cmp)}" if cmp else "")
+
+
 def targets(all_sets: list[dict]) -> list[list[str]]:
+    """Rows of [target, figure, status, weights, CPU, run]: each figure from one set (one run, one CPU),
+    the newest set that measured it; a target measured with several thread counts gets a row for each."""
     NR = "not run yet"
     rows = []
     sets = [rs for rs in all_sets if default_model_set(rs)]
 
-    def cmd(rs):
-        return f"`{rs['meta']['command']}`"
-
     def line(target, measured, status, rs=None):
-        rows.append([target, measured, status, cmd(rs) if rs else "-"])
+        rows.append([target, measured, status] + ([weights(rs["meta"]), cpu(rs), f"`{result_name(rs)}`"]
+                                                  if rs else ["-", "-", "-"]))
 
     def status(ok):
         return "**met**" if ok else "**not met**"
+
+    def per_threads(found):
+        """The newest (set, run) per torch thread count, most threads (the app's default) first."""
+        out = {}
+        for rs, r in found:
+            out.setdefault(threads(rs), (rs, r))
+        return [out[k] for k in sorted(out, reverse=True)]
 
     M = 1048576
 
     def decode_ratio(L, limit, target):
         """Prefer the same-process ratio (steps alternating with a 4,096-token cache), else across workers."""
         same = [x for x in _find(sets, L) if x[1].get("decode_ref_context") == 4096]
-        if same:
-            rs, r1 = same[0]
+        for rs, r1 in per_threads(same):
             q = r1["decode_ratio_vs_ref"]
-            th = threads(rs)
             txt = (f"{q:.2f}x: {fnum(r1['decode_ms_median'])} vs {fnum(r1['decode_ref_ms_median'])} ms/token"
-                   f" (same process, alternating steps, {th} torch thread{'s' if th != 1 else ''})")
-            p = _pair(sets, L, 4096)
+                   " (same process, alternating steps)")
+            p = _pair([rs], L, 4096)
             if p:
                 txt += f"; across workers {p[1]['decode_ms_median'] / p[2]['decode_ms_median']:.2f}x"
-            one = next((x for x in same if threads(x[0]) == 1), None)
-            if th != 1 and one:  # the single-thread figure too: decode at 1M is bound by one core's bandwidth
-                txt += (f"; with 1 thread {one[1]['decode_ratio_vs_ref']:.2f}x"
-                        f" ({one[0]['meta'].get('label') or one[0]['meta']['command']})")
-            return line(target, txt, status(q <= limit), rs)
+            line(target, txt, status(q <= limit), rs)
+        if same:
+            return
         p = _pair(sets, L, 4096)
         if p:
             rs, r1, r0 = p
@@ -337,14 +440,13 @@ def targets(all_sets: list[dict]) -> list[list[str]]:
         line(target, NR, "-")
 
     decode_ratio(M, 1.5, "Decode at 1,048,576 tokens <= 1.5x decode at 4,096 (default model, CPU) [issue 6]")
-    r = next(_find(sets, M), None)
-    if r:
-        rs, r = r
+    found = per_threads(_find(sets, M))
+    for rs, r in found:
         rss = peak_rss(r)
         line("Prefill of 1,048,576 tokens: peak RSS < 3 GB and under 10 minutes on this 2-core machine [issue 6]",
              f"peak RSS {fbytes(rss)} ({rss / GB:.2f} GB), prefill {fnum(r['prefill_s'])} s "
              f"({r['prefill_tok_s']:.0f} tok/s)", status(rss < 3 * GB and r["prefill_s"] < 600), rs)
-    else:
+    if not found:
         line("Prefill of 1,048,576 tokens: peak RSS < 3 GB and under 10 minutes on this 2-core machine [issue 6]", NR, "-")
     c = next(_find(sets, 32768, "compare"), None)
     if c and "hf_chunked" in c[1]["seconds"]:
@@ -366,21 +468,20 @@ def targets(all_sets: list[dict]) -> list[list[str]]:
              f"{fnum(r1['prefill_tok_s'])} vs {fnum(r0['prefill_tok_s'])} tok/s = {q:.2f}", status(q >= 0.5), rs)
     else:
         line("Prefill tokens/s at 131,072 >= half of that at 4,096 [issue 6]", NR, "-")
-    r = next(_find(sets, 32768), None)
+    r = peak_share_run(sets)
     if r:
         rs, r = r
         pk = rs["meta"]["matmul_peak"]["peak_flops"]
         share = r["prefill_flop_s"] / pk
         line("Prefill >= 30% of the measured matmul peak of its dtype at 32,768 tokens [issue 6]",
              f"{100 * share:.1f}% ({fsi(r['prefill_flop_s'], 'FLOP/s')} of {fsi(pk, 'FLOP/s')}); "
-             "where the time goes: see Time split and Profile", status(share >= 0.3), rs)
+             "where the time goes: under its run", status(share >= 0.3), rs)
     else:
         line("Prefill >= 30% of the measured matmul peak of its dtype at 32,768 tokens [issue 6]", NR, "-")
     cuda = [rs for rs in all_sets if str(rs["meta"]["machine"].get("device", "")).startswith("cuda")]
     line("CUDA run with a Flash-width config: tokens/s, share of bandwidth and matmul peak [issue 6, optional]",
-         f"see the CUDA result set ({len(cuda)})" if cuda else "not run (no GPU lent to this session); "
-         "command: `python -m bench --device cuda --dtype bfloat16 --config flash-width --contexts 4096,32768,131072`",
-         "-" if not cuda else "recorded", cuda[-1] if cuda else None)
+         "see its run" if cuda else "not run; command: `python -m bench --device cuda --dtype bfloat16"
+         " --config flash-width --contexts 4096,32768,131072`", "recorded" if cuda else "-", cuda[-1] if cuda else None)
     r = next(_find(sets, 262144), None)
     if r:
         rs, r = r
@@ -390,7 +491,7 @@ def targets(all_sets: list[dict]) -> list[list[str]]:
     else:
         line("262,144-token prefill with the ~5M config: peak RSS < 4 GB [issue 2]", NR, "-")
     decode_ratio(262144, 2.0, "Decode at 262,144 tokens <= 2x decode at 4,096 [issue 2]")
-    r = next(_find(sets, M), None)
+    r = found[0] if found else None
     if r:
         rs, r = r
         line("1,048,576 tokens: time and memory recorded [issue 2]",
@@ -400,6 +501,11 @@ def targets(all_sets: list[dict]) -> list[list[str]]:
     else:
         line("1,048,576 tokens: time and memory recorded [issue 2]", NR, "-")
     return rows
+
+
+def peak_share_run(sets: list[dict]):
+    """(set, run) for the matmul-peak target: the newest timed 32,768-token run of a default-model set."""
+    return next(_find([rs for rs in sets if default_model_set(rs)], 32768), None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -482,7 +588,7 @@ def svg_plot(sets: list[dict]) -> str:
     speed, mem, xs, names = [], [], [], []
     for k, s in enumerate(rs):
         col = _COLORS[k % len(_COLORS)]
-        name = s["meta"].get("label") or s["meta"].get("started", f"set {k + 1}")
+        name = set_title(s).replace("`", "")
         names.append((col, name))
         runs = ok_runs(s)
         xs += [r["context"] for r in runs]
@@ -521,69 +627,47 @@ def svg_plot(sets: list[dict]) -> str:
 # ------------------------------------------------------------------------------------------------
 
 def markdown(sets: list[dict], svg_rel: str | None, command: str | None = None) -> str:
+    """The page: how things are measured, the targets, then the latest run of each kind (speed, memory,
+    transformers comparison). The per-layer time split, FLOPs and profiles stay in the JSON and the console."""
+    sets = latest_per_kind(sets)
     L = ["# Benchmarks", "",
-         "Generated by `python -m bench` (bench/, issue 6; issue 2's scale lines), not by hand: re-run the command",
-         "shown with each result set to reproduce it. Timings come from a shared machine: ratios are taken within one",
-         "run, times are medians over repeats, and the machine is printed beside every table.", ""]
+         "Speed and memory against context length, measured by `python -m bench` (bench/). Each length runs in a",
+         "fresh worker process: a chunked prefill (`model(ids[:, s:s+chunk], cache, logits_to_keep=1)`), then greedy",
+         "decode steps; tokens/s = prefilled tokens / median prefill time, decode = median over all steps, peak RSS =",
+         "the worker's VmHWM (model included). The matmul peak and copy bandwidth are measured at the start of each",
+         "run. Every ratio comes from one run; every figure names the weights it ran with (\"shipped config\": the",
+         "config.json of `assets/model`, the shipped model, whose step is in assets/model/MODEL_CARD.md) and the",
+         "CPU and torch threads it ran on.", "",
+         "A run with `--json bench/results/NAME.json --write-md` replaces the section of its kind (same weights",
+         "folder or preset, device, dtype, threads and lengths) and keeps the others, read from",
+         "bench/results/benchmarks.json; `python -m bench --report bench/results/benchmarks.json --write-md`",
+         "re-renders without running. Earlier runs and this page's earlier versions are in",
+         "bench/results/history.tar.xz (`python bench/archive_results.py --list`).", ""]
     if command:
-        L += [f"This page was rendered by `{command}`.", ""]
-    L += ["## Targets", "", "Each ratio comes from a single run (same machine, same load).", ""]
-    L += _table(["target", "measured", "status", "command"], targets(sets), left=4)
+        L += [f"Rendered by `{command}`.", ""]
+    L += ["## Targets", ""]
+    L += _table(["target", "figure", "status", "weights", "CPU", "run"], targets(sets), left=6)
     if svg_rel:
-        L += ["", "## Plot", "", f"![tokens/s and memory against context length]({svg_rel})", ""]
-    for i, rs in enumerate(sets):
+        L += ["", "## Plot", "", f"![tokens/s and memory against context length]({svg_rel})"]
+    L += ["", "## Latest runs"]
+    peak = peak_share_run(sets)
+    for rs in sets:
         meta = rs["meta"]
-        L += ["", f"## Result set {i + 1}: {meta.get('label') or meta['started']}", "",
-              f"Command: `{meta['command']}` (started {meta['started']}, {fnum(meta.get('wall_s'))} s)", "",
-              f"Machine: {machine_line(meta)}", "", model_line(meta), ""]
+        L += ["", f"### {set_title(rs)}", "",
+              f"`{rerun_command(meta)}` (started {meta['started']}, {fnum(meta.get('wall_s'))} s). Machine:"
+              f" {machine_line(meta)}. {model_line(meta, weights(meta))}"]
         if meta.get("note"):
-            L += [meta["note"], ""]
+            L += ["", meta["note"]]
         if rs.get("runs"):
-            L += ["### Speed and memory", "",
-                  "Prefill: chunked `model(ids[:, s:s+chunk], cache, logits_to_keep=1)`; tokens/s = prefilled tokens /"
-                  " median prefill time. Decode: greedy single-token steps right after the prefill, median over all"
-                  " steps of all repeats. Peak RSS: the worker process's VmHWM (fresh process per length, model"
-                  " included).", ""]
-            L += main_table(rs)
-            L += ["", "### Cache bytes by component", "",
-                  "`cache.nbytes()` after the prefill (stored rows), the capacity the append-only entry buffers hold"
-                  " (they double when full), and `cache.dense_nbytes()`: every token's K=V row in every layer.", ""]
-            L += cache_table(rs)
-            st = split_tables(rs)
-            n_split = max((r.get("split_decode_steps", 0) for r in ok_runs(rs)), default=0)
-            if st:
-                L += ["", "### Time split by layer type", "",
-                      "Exclusive wall time per category from forward hooks and wrappers (bench/split.py: a"
-                      " perf_counter pair per region, ~10 regions per layer per call). `other` = embedding, sub-layer"
-                      " norms, final norm, vocabulary head and glue."
-                      + (f" Decode: the split comes from {n_split} more steps with the hooks in place, after the timed"
-                         " steps, which run without them (so its total includes the hooks' own cost)."
-                         if n_split else ""), ""]
-                L += st
-            L += ["", "### FLOPs and share of the matmul peak", "",
-                  "Counted from shapes by bench/flops.py (multiply-adds of matmuls and equivalent reductions;"
-                  " `performed` includes the masked work the kernels still do, `useful` is the model's minimum)."
-                  " Achieved = performed / median prefill time; peak = the matmul measured at the start of the run"
-                  " (and again inside each worker).", ""]
-            L += flops_table(rs)
-            pk = meta.get("matmul_peak", {}).get("peak_flops")
-            runs = ok_runs(rs)
-            pick = max((r for r in runs if r["context"] <= 32768), key=lambda r: r["context"], default=None)
-            if pick and pick.get("split_prefill_s"):
-                L += ["", f"Per category at {ctx(pick['context'])} tokens (prefill):", ""]
-                L += category_flops_table(pick, pk)
+            L += [""] + main_table(rs)
         if rs.get("compare"):
-            L += ["", "### Against transformers 5.24 and the eager reference (same weights, same inputs)", "",
-                  "A random-weight `DeepseekV4ForCausalLM` saved with `save_pretrained` and loaded by both"
-                  " (`runtime.load_model`). Runtime and reference alternate repeat by repeat; medians. Error: max"
-                  " |a - b| / max |b|. With index_topk below the entry count, ReLU makes exactly-zero indexer scores"
-                  " common, and transformers' `topk` orders equal scores arbitrarily while the runtime takes the"
-                  " lowest entry ids; the tie-aware check re-runs both with their selections recorded and checks"
-                  " that every mismatching position is one where the selections differ only among equal scores.", ""]
+            L += ["", "Against transformers' `DeepseekV4ForCausalLM` and the runtime's eager path, on the same random"
+                      " weights saved with `save_pretrained` (error: max |a - b| / max |b|):", ""]
             L += compare_table(rs)
-        pt = profile_tables(rs)
-        if pt:
-            L += ["", "### Profile", ""] + pt
+        if peak and peak[0] is rs and peak[1].get("split_prefill_s"):
+            L += ["", f"Where the prefill time goes at {ctx(peak[1]['context'])} tokens (wall time by part of the"
+                      " model, FLOPs counted from shapes by bench/flops.py):", ""]
+            L += category_flops_table(peak[1], meta.get("matmul_peak", {}).get("peak_flops"))
         for r in rs.get("runs", []) + rs.get("compare", []):
             if r.get("status") not in (None, "ok"):
                 L += ["", f"Failure at {ctx(r['context'])} ({r.get('kind')}): `{r.get('error')}`"]

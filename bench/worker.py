@@ -16,18 +16,9 @@ import sys
 import time
 import traceback
 
-from .machine import matmul_peak, proc_status
+from .machine import _peak_mem, _sync, matmul_peak, proc_status, torch_dtype
 
 SPLIT_STEPS = 16  # hooked decode steps for the time split, after the timed ones
-
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
-
-
-def torch_dtype(name: str):
-    import torch
-    return getattr(torch, DTYPES[name])
-
 
 def set_memory_guard(limit_bytes: int | None, device: str) -> int | None:
     """RLIMIT_AS = limit (CPU only: CUDA reserves far more address space than it uses)."""
@@ -72,21 +63,6 @@ def _keeps_fp32(name: str) -> bool:
         return leaf.startswith("hc_") or leaf in ("attn_sink", "ape", "bias")
 
 
-def _sync(device):
-    if device.startswith("cuda"):
-        import torch
-        torch.cuda.synchronize()
-
-
-def _peak_mem(device) -> dict:
-    out = {"rss": proc_status()}
-    if device.startswith("cuda"):
-        import torch
-        out["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
-        out["cuda_max_reserved"] = torch.cuda.max_memory_reserved()
-    return out
-
-
 def cache_bytes(cache) -> dict:
     nb = cache.nbytes()
     cap = 0
@@ -112,11 +88,10 @@ def _profile_table(prof, rows: int = 15, device_time: bool = False) -> dict:
 def measure_runtime(spec: dict) -> dict:
     import torch
 
-    from runtime.memory import trim_heap
-    from runtime.snapshot import reserve_entries
+    from runtime.generate import decode_one_token, prefill
+    from runtime.timing import LayerTimer
 
     from . import flops as F
-    from .split import LayerTimer
 
     device = spec["device"]
     L, chunk, D = spec["context"], spec["chunk"], spec["decode_tokens"]
@@ -131,7 +106,7 @@ def measure_runtime(spec: dict) -> dict:
     P = min(L, c.max_position_embeddings - D - SPLIT_STEPS)
     res["prefill_tokens"] = P
     gen = torch.Generator().manual_seed(spec.get("seed", 0) + 1)
-    ids = torch.randint(0, c.vocab_size, (1, P), generator=gen).to(device)
+    ids = torch.randint(0, c.vocab_size, (P,), generator=gen).tolist()
     budget = getattr(model.layers[0].attn, "score_budget", 256 << 20)
 
     split = spec.get("split", True)
@@ -145,7 +120,7 @@ def measure_runtime(spec: dict) -> dict:
     repeats = spec["repeats"]
     ref_ctx = spec.get("decode_ref_context") or 0
     ref_ctx = ref_ctx if ref_ctx < P and ref_ctx + repeats * D <= c.max_position_embeddings else 0
-    ref_ids = torch.randint(0, c.vocab_size, (1, ref_ctx), generator=gen).to(device) if ref_ctx else None
+    ref_ids = torch.randint(0, c.vocab_size, (ref_ctx,), generator=gen).tolist() if ref_ctx else None
     ref_cache, ref_steps = None, []
     index_dtype = torch.bfloat16 if spec.get("index_dtype", "bfloat16") == "bfloat16" else None
     new_cache = lambda: model.new_cache(index_dtype=index_dtype)
@@ -155,18 +130,18 @@ def measure_runtime(spec: dict) -> dict:
             gc.collect()
             cache = new_cache()
             timer = LayerTimer(model, device) if split else None
-            chunk_times = []
+            chunk_times, tick = [], []
+
+            def on_chunk(done, total):
+                _sync(device)
+                chunk_times.append(time.perf_counter() - tick[-1])
+                tick.append(time.perf_counter())
+
             _sync(device)
             tp = time.perf_counter()
-            for s in range(0, P, chunk):
-                tc = time.perf_counter()
-                logits = model(ids[:, s : s + chunk], cache, logits_to_keep=1)
-                # as the engine does: entry buffers sized once, never doubled, and the chunk's unused pages
-                # returned (runtime/memory.py)
-                reserve_entries(cache, P + D + SPLIT_STEPS)
-                trim_heap()
-                _sync(device)
-                chunk_times.append(time.perf_counter() - tc)
+            tick.append(tp)
+            # the engine's own prefill: entry buffers sized once, the chunk's unused pages returned
+            logits = prefill(model, ids, cache, chunk_size=chunk, reserve_tokens=P + D + SPLIT_STEPS, on_chunk=on_chunk)
             prefill_s = time.perf_counter() - tp
             if r == 0:  # the prefill's own peak (the 1M target is about prefill), before any decode
                 res["memory_after_prefill"] = _peak_mem(device)
@@ -179,21 +154,17 @@ def measure_runtime(spec: dict) -> dict:
             # these, so decode(L) / decode(ref) is measured under the same load (see decode_ref_context)
             if ref_ctx and ref_cache is None:
                 ref_cache = new_cache()
-                for s in range(0, ref_ctx, chunk):
-                    ref_logits = model(ref_ids[:, s : s + chunk], ref_cache, logits_to_keep=1)
-                ref_tok = ref_logits[:, -1].argmax(-1, keepdim=True)
-            tok = logits[:, -1].argmax(-1, keepdim=True)
+                ref_tok = int(prefill(model, ref_ids, ref_cache, chunk_size=chunk).argmax())
+            tok = int(logits.argmax())
             steps = []
-            for _ in range(D):
+            for _ in range(D):  # greedy decode, the engine's step (runtime/generate.py)
                 ts = time.perf_counter()
-                logits = model(tok, cache)
-                tok = logits[:, -1].argmax(-1, keepdim=True)
+                tok = int(decode_one_token(model, tok, cache).argmax())
                 _sync(device)
                 steps.append(time.perf_counter() - ts)
                 if ref_cache is not None:
                     ts = time.perf_counter()
-                    ref_logits = model(ref_tok, ref_cache)
-                    ref_tok = ref_logits[:, -1].argmax(-1, keepdim=True)
+                    ref_tok = int(decode_one_token(model, ref_tok, ref_cache).argmax())
                     _sync(device)
                     ref_steps.append(time.perf_counter() - ts)
             split_d = None
@@ -202,7 +173,7 @@ def measure_runtime(spec: dict) -> dict:
                 _sync(device)
                 ts = time.perf_counter()
                 for _ in range(SPLIT_STEPS):
-                    tok = model(tok, cache)[:, -1].argmax(-1, keepdim=True)
+                    tok = int(decode_one_token(model, tok, cache).argmax())
                 _sync(device)
                 split_d = {k: v / SPLIT_STEPS for k, v in timer.snapshot(time.perf_counter() - ts).items()}
                 timer.close()
@@ -253,6 +224,8 @@ def profile_runs(model, cache, spec, c) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from runtime.generate import decode_one_token, prefill
+
     device = spec["device"]
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     chunk = spec["chunk"]
@@ -261,16 +234,16 @@ def profile_runs(model, cache, spec, c) -> dict:
     gen = torch.Generator().manual_seed(12345)
     with torch.inference_mode():
         if room >= chunk + 16:
-            ids = torch.randint(0, c.vocab_size, (1, chunk), generator=gen).to(device)
+            ids = torch.randint(0, c.vocab_size, (chunk,), generator=gen).tolist()
             with profile(activities=acts) as prof:
-                logits = model(ids, cache, logits_to_keep=1)
+                logits = prefill(model, ids, cache, chunk_size=chunk, trim=False)
                 _sync(device)
             out["prefill_chunk"] = _profile_table(prof, device_time=device.startswith("cuda"))
             out["prefill_chunk"]["tokens"] = chunk
-            tok = logits[:, -1].argmax(-1, keepdim=True)
+            tok = int(logits.argmax())
             with profile(activities=acts) as prof:
                 for _ in range(16):
-                    tok = model(tok, cache)[:, -1].argmax(-1, keepdim=True)
+                    tok = int(decode_one_token(model, tok, cache).argmax())
                 _sync(device)
             out["decode_16"] = _profile_table(prof, device_time=device.startswith("cuda"))
         else:

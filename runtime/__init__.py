@@ -4,18 +4,25 @@ Public API (used by the app, the CLI and outside checks):
 - `load_model(path, device="cpu", dtype=torch.float32)` -> model from a folder with config.json + safetensors
 - `model.new_cache(batch_size=1)` -> an empty per-sequence cache
 - `model(input_ids, cache=None)` -> logits [B, S, vocab] (float), extending `cache` in place
+- `prefill`, `Generation`, `generate`, `decode_one_token`, `sample_next` (runtime/generate.py): the one
+  generation core, token ids in and out
+- `Engine` / `Session`: chat sessions over a prefilled corpus (runtime/engine.py, runtime/session.py)
+- errors carry a `code` (runtime/errors.py)
 """
 
 import importlib
 
 # Names resolve lazily, so the pure modules (runtime.corpus, runtime.tokenizer, runtime.memory) import without torch.
 _EXPORTS = {
-    "Cache": "cache", "Capture": "introspect", "LayerRecord": "introspect", "ConfigError": "config",
-    "ModelConfig": "config", "Transformer": "model", "load_model": "model",
-    "Engine": "engine", "Session": "engine", "GenerationParams": "engine", "EngineError": "engine",
-    "ContextTooLarge": "engine", "PrefillProgress": "engine", "Piece": "engine", "Answer": "engine",
-    "Cancelled": "engine", "LoadReport": "engine", "Limits": "corpus", "ingest": "corpus", "CorpusError": "corpus",
-    "Provenance": "provenance", "Source": "provenance", "SnapshotError": "snapshot", "list_snapshots": "snapshot",
+    "Cache": "cache", "CacheMark": "cache", "Capture": "introspect", "LayerRecord": "introspect",
+    "ConfigError": "config", "ModelConfig": "config", "Transformer": "model", "load_model": "model",
+    "Engine": "engine", "Budget": "budget", "Session": "session", "PrefillProgress": "session", "Piece": "session",
+    "Answer": "session", "LoadReport": "session", "Conversation": "conversation", "CorpusContext": "conversation",
+    "Turn": "conversation", "GenerationParams": "generate", "Generation": "generate", "generate": "generate",
+    "prefill": "generate", "decode_one_token": "generate", "sample_next": "generate",
+    "LonglensError": "errors", "EngineError": "errors", "ContextTooLarge": "errors", "Cancelled": "errors",
+    "CorpusError": "errors", "SnapshotError": "errors", "Limits": "corpus", "ingest": "corpus",
+    "Provenance": "provenance", "Source": "provenance", "list_snapshots": "snapshot",
     "mallopt": "memory", "trim_heap": "memory",
 }
 __all__ = sorted(_EXPORTS)

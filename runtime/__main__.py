@@ -288,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LONGLENS_DEBUG"):
             traceback.print_exc()
         msg = str(e) or type(e).__name__
-        if as_json:
-            print(json.dumps({"error": msg}, ensure_ascii=False))
+        if as_json:  # the runtime's errors carry a stable code (runtime/errors.py)
+            print(json.dumps({"error": msg, "code": getattr(e, "code", "internal" if code == 1 else "bad_request")},
+                             ensure_ascii=False))
         else:
             print(f"error: {msg}", file=sys.stderr)
         return code

@@ -23,6 +23,7 @@ import torch.nn as nn
 from .cache import CompressorState, LayerCache
 from .config import CSA, SLIDING, ModelConfig
 from .layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq, unweighted_rms_norm
+from .timing import region
 
 NEG_INF = float("-inf")
 
@@ -220,6 +221,8 @@ def _prefiltered_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
 
 
 class Attention(nn.Module):
+    timer = None  # a runtime.timing.LayerTimer while one is attached (Transformer.attach_timer)
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
@@ -278,7 +281,8 @@ class Attention(nn.Module):
         if self.indexer is not None:
             self.indexer.compressor(x_all, lc.index, self.inv_freq, offset)
             ikeys = lc.index.entries.view()
-            iq, iw = self.indexer.queries(x, cq, cos, sin)
+            with region(self.timer, "indexer"):
+                iq, iw = self.indexer.queries(x, cq, cos, sin)
 
         run = self._eager if impl == "eager" else self._sparse
         o = run(q, keys, positions, entries, iq, iw, ikeys, capture)  # [B, S, H, d]
@@ -312,7 +316,8 @@ class Attention(nn.Module):
             thr = (positions + 1) // self.rate
             visible = torch.arange(entries.shape[1], device=q.device)[None] < thr[:, None]  # [S, N]
             if self.indexer is not None:
-                sel, sel_scores = select_topk(self.indexer.scores(iq, iw, ikeys), thr, self.indexer.topk)
+                with region(self.timer, "indexer"):
+                    sel, sel_scores = select_topk(self.indexer.scores(iq, iw, ikeys), thr, self.indexer.topk)
                 picked = torch.zeros(B, S, entries.shape[1] + 1, dtype=torch.bool, device=q.device)
                 picked.scatter_(-1, torch.where(sel < 0, entries.shape[1], sel), True)
                 visible = picked[..., :-1]
@@ -358,8 +363,9 @@ class Attention(nn.Module):
             if n:
                 thr = (pos + 1) // self.rate
                 if self.indexer is not None:
-                    sel, sel_scores = select_topk(self.indexer.scores(iq_blocks[bi], iw_blocks[bi], ikeys), thr,
-                                                  self.indexer.topk)
+                    with region(self.timer, "indexer"):
+                        sel, sel_scores = select_topk(self.indexer.scores(iq_blocks[bi], iw_blocks[bi], ikeys), thr,
+                                                      self.indexer.topk)
                     bidx = torch.arange(B, device=q.device)[:, None, None]
                     kc = entries[bidx, sel.clamp(min=0)]  # [B, Sq, K, d]: the only entries this block reads
                     lc = torch.einsum("bqhd,bqkd->bhqk", qb, kc) * scale

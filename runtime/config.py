@@ -15,8 +15,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+# The attention layer types, spelled as config.json's `layer_types` spells them, and their short names
+# (the engine's PrefillProgress.layer_s keys, the prefixes of runtime.timing's categories, labels).
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 LAYER_TYPES = (SLIDING, CSA, HCA)
+SHORT = {SLIDING: "sliding", CSA: "csa", HCA: "hca"}
 MLP_TYPES = ("hash_moe", "moe")
 SCORING_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
 _RATIO_TO_TYPE = {0: SLIDING, 4: CSA, 128: HCA}

@@ -37,6 +37,8 @@ from typing import Callable, Sequence
 import charset_normalizer
 import pypdf
 
+from .errors import CorpusError
+
 MB = 1 << 20
 SNIPPET_CHARS = 200
 
@@ -47,10 +49,6 @@ class Limits:
     max_total_bytes: int = 200 * MB   # whole corpus (and one archive file); exceeding it is an error
     max_files: int = 5000             # files seen, archive members included; exceeding it is an error
     max_archive_depth: int = 2        # 2 = an archive inside an archive is still opened
-
-
-class CorpusError(ValueError):
-    """Unusable input; the message names the file and the reason."""
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ For every length L and each of ``n`` haystacks, a haystack of about L tokens is 
 (or, by default, from the held-out split of train/corpus_sources.py, text the default model never saw in
 training) and one item per requested depth is planted in it with a seeded generator (train/tasks.py has
 the formats): a needle line, a structured key-value block, or -- for ``continue`` -- nothing (a unique
-snippet at that depth is quoted back). The haystack is prefilled once into a runtime ``Cache`` in chunks
-(``model(chunk, cache, logits_to_keep=1)``); each question then runs on its own copy of that cache in the
-chat layout of runtime/tokenizer.py, is decoded greedily until EOS, and is judged by exact match of the
-stripped strings. So a haystack holds one item per depth (the others are distractors with other keys),
-and one prefill serves all depths.
+snippet at that depth is quoted back). The haystack is prefilled once into a runtime ``Cache`` through the
+generation core (runtime/generate.py, the path the app serves); each question then continues that cache from
+a mark (``cache.rewind``) in the chat layout of runtime/tokenizer.py, is decoded greedily until EOS or
+<User> (the app's stop ids), and is judged by exact match of the stripped strings. So a haystack holds one
+item per depth (the others are distractors with other keys), and one prefill serves all depths.
 
 Per (length, depth) cell: ``accuracy`` (exact match), ``n``, and the selection evidence of the first
 answer-token query (the ``<｜Assistant｜>`` position): ``recall`` = mean over cases of the share of CSA
@@ -26,9 +26,7 @@ last window of the prompt can also be read through the sliding window, which rec
 from __future__ import annotations
 
 import argparse
-import copy
 import html
-import importlib.util
 import json
 import math
 import random
@@ -39,6 +37,8 @@ from pathlib import Path
 import torch
 
 from .config import CSA
+from . import tasks as T
+from .generate import GenerationParams, generate, prefill
 from .introspect import Capture
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,29 +46,15 @@ DEFAULT_MODEL = REPO / "assets" / "model"
 KINDS = ("niah", "kv", "continue")
 
 
-def _tasks():
-    """train/tasks.py (the generators shared with training), loaded by path."""
-    name = "longlens_train_tasks"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = REPO / "train" / "tasks.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 # --------------------------------------------------------------------------------------------- cases
 def build_case(kind: str, rng: random.Random, pool, tok, length: int, depths, variant: str = "eval",
                values: str = "number"):
     """A haystack of about ``length`` prompt tokens with one item per depth: (haystack text, [QA]).
     ``values``: the niah value format (train/tasks.py make_value: number, code, words) or "mixed"."""
-    T = _tasks()
     if kind == "niah":
         used, items = set(), []
         while len(items) < len(depths):
-            attr, ent = rng.choice(T.ATTRIBUTES), T._entity(rng, variant)
+            attr, ent = rng.choice(T.ATTRIBUTES), T.entity(rng, variant)
             if (attr, ent) in used:
                 continue
             used.add((attr, ent))
@@ -79,7 +65,7 @@ def build_case(kind: str, rng: random.Random, pool, tok, length: int, depths, va
     elif kind == "kv":
         used, blocks = set(), []
         while len(blocks) < len(depths):
-            block, fmt, pairs = T._kv_block(rng, variant, 6)
+            block, fmt, pairs = T.kv_block(rng, variant, 6)
             keys = {k.lower() for k, _, _ in pairs}
             if keys & used:
                 continue
@@ -130,27 +116,13 @@ def _covering(span: tuple[int, int], rate: int) -> set[int]:
     return set(range(a // rate, (b - 1) // rate + 1))
 
 
-@torch.no_grad()
-def _prefill(model, ids: list[int], cache, chunk: int):
-    logits = None
-    for s in range(0, len(ids), chunk):
-        x = torch.tensor([ids[s:s + chunk]], dtype=torch.long, device=model.device)
-        logits = model(x, cache, logits_to_keep=1)
-    return logits
-
-
-@torch.no_grad()
-def _answer(model, tok, tail: list[int], cache, max_new: int, capture: Capture):
-    logits = model(torch.tensor([tail], dtype=torch.long, device=model.device), cache, capture=capture,
-                   logits_to_keep=1)
-    out = []
-    for _ in range(max_new):
-        nxt = int(logits[0, -1].argmax())
-        if nxt == tok.eos_id:
-            break
-        out.append(nxt)
-        logits = model(torch.tensor([[nxt]], dtype=torch.long, device=model.device), cache, logits_to_keep=1)
-    return out
+def answer_ids(model, tok, prompt: list[int], cache, max_new_tokens: int, capture: Capture | None = None,
+               chunk: int = 8192) -> list[int]:
+    """Greedy answer ids to a chat `prompt` continuing `cache`, through the generation core with the app's
+    stop ids (EOS and <User>), so a figure measured here is what the app would answer."""
+    gen = generate(model, prompt, cache, GenerationParams(max_new_tokens=max_new_tokens, capture=capture is not None),
+                   stop_ids={tok.eos_id, tok.user_id}, chunk_size=chunk, capture=capture)
+    return gen.tokens
 
 
 def _selection(model, capture: Capture, query_pos: int, value_tokens: tuple[int, int]):
@@ -181,7 +153,7 @@ def _selection(model, capture: Capture, query_pos: int, value_tokens: tuple[int,
 def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5, 0.75, 1.0), seed: int = 0,
              haystack_paths=None, n: int = 4, chunk: int = 8192, model=None, tokenizer=None,
              max_new_tokens: int | None = None, progress=None, pool=None, values: str = "number",
-             per_haystack: str = "one") -> list[dict]:
+             per_haystack: str = "one", index_dtype: torch.dtype | None = None) -> list[dict]:
     """One dict per (length, depth): kind, length, depth, n, correct, accuracy, recall, rank, first, tokens
     (mean prompt length), seconds (mean wall time per haystack of that length: prefill + all its questions),
     seed, examples (question, answer, output, ok, recall, ranks, first, prompt tokens).
@@ -190,7 +162,6 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
     from .model import load_model
     from .tokenizer import Tokenizer
 
-    T = _tasks()
     if kind not in KINDS:
         raise ValueError(f"unknown eval kind {kind!r}; expected one of {KINDS}")
     model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL
@@ -229,13 +200,14 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
                 continue
             P = min(_common_prefix(prompts[0], p) for p in prompts) if len(prompts) > 1 else len(prompts[0]) - 1
             P = min(P, min(len(p) for p in prompts) - 1)
-            cache = model.new_cache()
-            _prefill(model, prompts[0][:P], cache, chunk)
-            for k, (qa, ids) in enumerate(zip(qas, prompts)):
-                c = cache if k == len(qas) - 1 else copy.deepcopy(cache)
+            cache = model.new_cache(index_dtype=index_dtype)
+            prefill(model, prompts[0][:P], cache, chunk_size=chunk)
+            shared = cache.mark()  # every question continues the shared prefix: rewind, never re-prefill
+            for qa, ids in zip(qas, prompts):
+                cache.rewind(shared)
                 cap = Capture()
                 n_ans = len(tok.encode(qa.answer))
-                out = _answer(model, tok, ids[P:], c, max_new_tokens or n_ans + 8, cap)
+                out = answer_ids(model, tok, ids[P:], cache, max_new_tokens or n_ans + 8, cap, chunk)
                 text = tok.decode(out, skip_special_tokens=True)
                 ok = text.strip() == qa.answer.strip()
                 rec, ranks = _selection(model, cap, len(ids) - 1, qa.value_tokens)
@@ -246,7 +218,7 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
                 first = bool(best) and (not other_best or min(best) < min(other_best))
                 cells[(L, qa.depth)].append(dict(question=qa.question, answer=qa.answer, output=text, ok=ok,
                                                  recall=rec, ranks=ranks, first=first, tokens=len(ids)))
-                del c, cap
+                del cap
             secs[L] += time.time() - t0
             if progress is not None:
                 progress(f"{kind} L={L} haystack {i + 1}/{n} (depths {group}): "

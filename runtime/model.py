@@ -19,10 +19,13 @@ from .cache import Cache
 from .config import ConfigError, ModelConfig
 from .layers import RMSNorm, hc_collapse, hc_expand, hc_weights, rope_inv_freq, unweighted_rms_norm
 from .moe import MoE
+from .timing import region
 
 
 class Block(nn.Module):
     """Attention sub-block then MoE sub-block, each wrapped in its own mHC mixing."""
+
+    timer = None  # a runtime.timing.LayerTimer while one is attached (Transformer.attach_timer)
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -43,17 +46,26 @@ class Block(nn.Module):
                           getattr(self, f"hc_{site}_scale"), c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
     def forward(self, streams, ids, positions, layer_cache, impl="sparse", capture=None, keep=0, offset=0):
-        pre, post, comb = self._hc("attn", streams)
-        y = self.attn(self.attn_norm(hc_collapse(streams, pre)), positions, layer_cache, impl, capture, keep, offset)
+        with region(self.timer, "mhc"):
+            pre, post, comb = self._hc("attn", streams)
+            x = hc_collapse(streams, pre)
+        x = self.attn_norm(x)  # rebinding x frees the collapsed streams before attention runs
+        y = self.attn(x, positions, layer_cache, impl, capture, keep, offset)
         if keep:  # only the last `keep` positions go on (the cache above took all of them)
             streams, post, comb, ids = streams[:, -keep:], post[:, -keep:], comb[:, -keep:], ids[:, -keep:]
-        streams = hc_expand(streams, y, post, comb)
-        pre, post, comb = self._hc("ffn", streams)
-        y = self.ffn(self.ffn_norm(hc_collapse(streams, pre)), ids)
-        return hc_expand(streams, y, post, comb)
+        with region(self.timer, "mhc"):
+            streams = hc_expand(streams, y, post, comb)
+            pre, post, comb = self._hc("ffn", streams)
+            x = hc_collapse(streams, pre)
+        x = self.ffn_norm(x)
+        y = self.ffn(x, ids)
+        with region(self.timer, "mhc"):
+            return hc_expand(streams, y, post, comb)
 
 
 class Transformer(nn.Module):
+    timer = None  # see attach_timer
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -74,6 +86,15 @@ class Transformer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
+
+    def attach_timer(self, timer) -> None:
+        """Points the timing regions of the model, its blocks and attention modules at `timer` (a
+        runtime.timing.LayerTimer attaches itself); None detaches them. Untimed, each region is a no-op."""
+        for m in (self, *self.layers, *(b.attn for b in self.layers)):
+            if timer is None:
+                m.__dict__.pop("timer", None)  # back to the class default, None
+            else:
+                m.timer = timer
 
     def new_cache(self, batch_size: int = 1, index_dtype: torch.dtype | None = None) -> Cache:
         return Cache(self.config, batch_size, index_dtype)
@@ -107,10 +128,12 @@ class Transformer(nn.Module):
         cache.length += S
         # hyper-head: collapse the n streams with input-dependent weights (no post, no Sinkhorn)
         c = self.config
-        flat = unweighted_rms_norm(streams.flatten(2).float(), c.rms_norm_eps)
-        pre = torch.sigmoid(nn.functional.linear(flat, self.hc_head_fn.float()) * self.hc_head_scale.float()
-                            + self.hc_head_base.float()) + c.hc_eps
-        return self.norm(hc_collapse(streams, pre))
+        with region(self.timer, "mhc"):
+            flat = unweighted_rms_norm(streams.flatten(2).float(), c.rms_norm_eps)
+            pre = torch.sigmoid(nn.functional.linear(flat, self.hc_head_fn.float()) * self.hc_head_scale.float()
+                                + self.hc_head_base.float()) + c.hc_eps
+            x = hc_collapse(streams, pre)
+        return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, capture=None,
                 logits_to_keep: int = 0) -> torch.Tensor:

@@ -18,9 +18,8 @@ then one rename makes it visible. A process killed mid-write leaves only a temp 
 loading and listing ignore and the next save removes. Loading re-hashes the files, so a snapshot
 damaged later is refused too.
 
-A `CacheMark` is the in-memory counterpart: the cache's state at one length. Compressed entries
-are append-only, so entry counts plus the small tensors (window, pooling buffers) are enough to
-rewind a cache to the mark -- how a session starts a new conversation without prefilling again.
+The cache's tensors and marks come from the cache itself (`Cache.state()` / `Cache.from_state`,
+`CacheMark.state()` in runtime/cache.py); this module keeps only files, fingerprints and atomic writes.
 """
 
 from __future__ import annotations
@@ -39,19 +38,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .cache import Cache, Entries
+from .cache import Cache, CacheMark
 from .config import ModelConfig
-from .corpus import CorpusError, Layout
+from .corpus import Layout
+from .errors import CorpusError, SnapshotError
 
 FORMAT = "longlens-snapshot/1"
 FILES = ("cache.safetensors", "layout.json", "chat.json")
 FULL_HASH_LIMIT = 2 << 30  # weight files above this are fingerprinted by header + head + tail
 _PROBE = 64 << 20
-_STATE_FIELDS = ("buffer_kv", "buffer_gate", "overlap_kv", "overlap_gate")
-
-
-class SnapshotError(ValueError):
-    """A snapshot that cannot be used; the message says why (other model/corpus, damaged, missing)."""
 
 
 # ----------------------------------------------------------------------------------- fingerprints
@@ -130,58 +125,6 @@ class Fingerprints:
         return _sha(self.model, self.tokenizer, self.corpus, self.chat)[:32]
 
 
-# ------------------------------------------------------------------------------------ cache marks
-@dataclass
-class CacheMark:
-    """A cache's state at `length`: entry counts and the (replaced, never mutated) small tensors."""
-    length: int
-    windows: list[torch.Tensor | None]
-    states: dict[str, tuple[int, tuple]]  # "L3.kv" -> (entry count, (buffer_kv, buffer_gate, overlap_kv, overlap_gate))
-    logits: torch.Tensor | None = None  # next-token logits at `length`
-
-
-def _states(cache: Cache):
-    for i, lc in enumerate(cache.layers):
-        for kind in ("kv", "index"):
-            st = getattr(lc, kind)
-            if st is not None:
-                yield f"L{i}.{kind}", st
-
-
-def mark_cache(cache: Cache, logits: torch.Tensor | None = None) -> CacheMark:
-    # References suffice: the runtime replaces windows and buffers on every call and only appends
-    # entry rows past the count, so nothing recorded here changes afterwards.
-    return CacheMark(cache.length, [lc.window for lc in cache.layers],
-                     {name: (st.entries.n, tuple(getattr(st, f) for f in _STATE_FIELDS)) for name, st in _states(cache)},
-                     logits)
-
-
-def rewind_cache(cache: Cache, mark: CacheMark) -> None:
-    """Return `cache` to the state recorded by `mark` (which must come from this cache, at or before now)."""
-    if mark.length > cache.length:
-        raise ValueError(f"cannot rewind a cache of {cache.length} tokens forward to {mark.length}")
-    cache.length = mark.length
-    for lc, w in zip(cache.layers, mark.windows):
-        lc.window = w
-    for name, st in _states(cache):
-        n, tensors = mark.states[name]
-        st.entries.n = n
-        for f, t in zip(_STATE_FIELDS, tensors):
-            setattr(st, f, t)
-
-
-def reserve_entries(cache: Cache, tokens: int) -> None:
-    """Give every entry buffer room for `tokens` context tokens, so growth never copies twice the cache."""
-    cfg = cache.config
-    for name, st in _states(cache):
-        e, rate = st.entries, cfg.rate(int(name[1:].split(".")[0]))
-        need = tokens // rate + 1
-        if e.data is not None and e.data.shape[1] < need:
-            grown = e.data.new_empty(e.data.shape[0], need, e.data.shape[2])
-            grown[:, : e.n] = e.data[:, : e.n]
-            e.data = grown
-
-
 # ------------------------------------------------------------------------------------ save / load
 @dataclass
 class SessionState:
@@ -189,7 +132,8 @@ class SessionState:
     cache: Cache
     layout: Layout | None
     chat: dict  # {"ids": [...], "pending": [...], "history": [...]} (runtime/engine.py)
-    corpus_mark: CacheMark  # state right after the corpus (what reset_chat returns to)
+    corpus_mark: CacheMark  # the cache right after the corpus (what a new conversation rewinds to)
+    corpus_logits: torch.Tensor | None  # [vocab] next-token logits at the corpus mark
     last_logits: torch.Tensor | None  # [vocab] next-token logits at cache.length
 
 
@@ -209,25 +153,18 @@ class SnapshotInfo:
     fingerprints: dict = field(default_factory=dict)
 
 
-def _tensors(cache: Cache, mark: CacheMark, logits: torch.Tensor | None) -> tuple[dict, dict]:
-    """Flat name -> tensor dict of cache + mark, and the manifest's cache section."""
-    current = {f"L{i}.window": lc.window for i, lc in enumerate(cache.layers)}
-    counts = {}
-    for name, st in _states(cache):
-        counts[name] = st.entries.n
-        current[f"{name}.entries"] = st.entries.view() if st.entries.n else None
-        current |= {f"{name}.{f}": getattr(st, f) for f in _STATE_FIELDS}
-    current["logits.last"] = logits
-    marked = {f"L{i}.window": w for i, w in enumerate(mark.windows)}
-    marked |= {f"{name}.{f}": t for name, (_, ts) in mark.states.items() for f, t in zip(_STATE_FIELDS, ts)}
-    marked["logits.last"] = mark.logits
+def _tensors(state: SessionState) -> tuple[dict, dict]:
+    """Flat name -> tensor dict of the cache, its corpus mark and logits; and the manifest's cache section."""
+    cache, mark = state.cache, state.corpus_mark
+    current = cache.state() | {"logits.last": state.last_logits}
+    marked = mark.state() | {"logits.last": state.corpus_logits}
     # a mark tensor that is a current one is stored once (safetensors refuses shared storage)
     by_id = {id(t): n for n, t in current.items() if t is not None}
     shared = {n: by_id[id(t)] for n, t in marked.items() if t is not None and id(t) in by_id}
     out = {n: t.detach().contiguous() for n, t in current.items() if t is not None}
     out |= {f"mark.{n}": t.detach().contiguous() for n, t in marked.items() if t is not None and n not in shared}
-    meta = {"length": cache.length, "batch_size": cache.batch_size, "entries": counts,
-            "mark": {"length": mark.length, "entries": {n: c for n, (c, _) in mark.states.items()},
+    meta = {"length": cache.length, "batch_size": cache.batch_size, "entries": cache.entry_counts(),
+            "mark": {"length": mark.length, "entries": mark.entry_counts(),
                      "shared": shared, "present": sorted(n for n, t in marked.items() if t is not None)}}
     return out, meta
 
@@ -286,7 +223,7 @@ def save_snapshot(directory: str | os.PathLike, state: SessionState, fingerprint
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-", dir=directory))
     trash = None
     try:
-        tensors, cache_meta = _tensors(state.cache, state.corpus_mark, state.last_logits)
+        tensors, cache_meta = _tensors(state)
         save_file(tensors, tmp / "cache.safetensors")
         with open(tmp / "cache.safetensors", "rb") as f:
             os.fsync(f.fileno())
@@ -384,58 +321,26 @@ def load_snapshot(path: str | os.PathLike, config: ModelConfig, expect: dict[str
         raise SnapshotError(f"{path}: damaged snapshot (cache.safetensors: {e})") from None
     cache_meta = m["cache"]
     try:
-        cache, mark = _build(cache_meta, tensors, config, dtype, reserve_tokens, index_dtype)
+        cache, mark, corpus_logits = _build(cache_meta, tensors, config, dtype, reserve_tokens, index_dtype)
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"{path}: snapshot does not fit this model's cache ({e})") from None
     if not isinstance(chat, dict) or not isinstance(chat.get("ids"), list):
         raise SnapshotError(f"{path}: damaged snapshot (chat.json)")
-    return SessionState(cache, layout, chat, mark, tensors.get("logits.last"))
+    return SessionState(cache, layout, chat, mark, corpus_logits, tensors.get("logits.last"))
 
 
 def _build(meta: dict, tensors: dict, config: ModelConfig, dtype, reserve_tokens: int,
-           index_dtype: torch.dtype | None = None) -> tuple[Cache, CacheMark]:
-    cache = Cache(config, int(meta["batch_size"]), index_dtype)
-    cache.length = int(meta["length"])
-    d = config.head_dim
-    for i, lc in enumerate(cache.layers):
-        lc.window = tensors.get(f"L{i}.window")
-        want = min(cache.length, config.sliding_window - 1)
-        if (lc.window is None) != (cache.length == 0) or (lc.window is not None and tuple(lc.window.shape[1:]) != (want, d)):
-            raise ValueError(f"layer {i} window shape {None if lc.window is None else tuple(lc.window.shape)}")
-        if dtype is not None and lc.window is not None and lc.window.dtype != dtype:
-            raise ValueError(f"cache dtype {lc.window.dtype}, model dtype {dtype}")
-    for name, st in _states(cache):
-        layer, kind = int(name[1:].split(".")[0]), name.split(".")[1]
-        n, rate = int(meta["entries"][name]), config.rate(layer)
-        if n != cache.length // rate:
-            raise ValueError(f"{name}: {n} entries for {cache.length} tokens at rate {rate}")
-        if n:
-            rows = tensors[f"{name}.entries"]
-            width = d if kind == "kv" else config.index_head_dim
-            if rows.shape[1] != n or rows.shape[2] != width:
-                raise ValueError(f"{name}.entries shape {tuple(rows.shape)}")
-            e = Entries(st.entries.dtype)
-            cap = max(n, (cache.length + reserve_tokens) // rate + 1)
-            e.data = rows.new_empty(rows.shape[0], cap, width, dtype=e.dtype or rows.dtype)
-            e.data[:, :n] = rows
-            e.n = n
-            st.entries = e
-        for f in _STATE_FIELDS:
-            setattr(st, f, tensors.get(f"{name}.{f}"))
-    current = {f"L{i}.window": lc.window for i, lc in enumerate(cache.layers)}
-    current |= {f"{name}.{f}": getattr(st, f) for name, st in _states(cache) for f in _STATE_FIELDS}
-    current["logits.last"] = tensors.get("logits.last")
+           index_dtype: torch.dtype | None = None) -> tuple[Cache, CacheMark, torch.Tensor | None]:
+    cache = Cache.from_state(config, tensors, int(meta["length"]), meta["entries"], int(meta["batch_size"]),
+                             index_dtype, reserve_tokens)
+    w = next((lc.window for lc in cache.layers if lc.window is not None), None)
+    if dtype is not None and w is not None and w.dtype != dtype:
+        raise ValueError(f"cache dtype {w.dtype}, model dtype {dtype}")
+    current = cache.state() | {"logits.last": tensors.get("logits.last")}
     shared, present = dict(meta["mark"]["shared"]), set(meta["mark"]["present"])
-
-    def marked(name):
-        if name not in present:
-            return None
-        return current[shared[name]] if name in shared else tensors[f"mark.{name}"]
-
-    mark = CacheMark(int(meta["mark"]["length"]), [marked(f"L{i}.window") for i in range(len(cache.layers))],
-                     {name: (int(meta["mark"]["entries"][name]), tuple(marked(f"{name}.{f}") for f in _STATE_FIELDS))
-                      for name, _ in _states(cache)}, marked("logits.last"))
-    return cache, mark
+    marked = {n: (current[shared[n]] if n in shared else tensors[f"mark.{n}"]) for n in present}
+    mark = CacheMark.from_state(meta["mark"]["length"], meta["mark"]["entries"], marked, config)
+    return cache, mark, marked.get("logits.last")
 
 
 def snapshot_info(path: str | os.PathLike) -> SnapshotInfo:
@@ -462,6 +367,6 @@ def list_snapshots(directory: str | os.PathLike) -> list[SnapshotInfo]:
     return out
 
 
-__all__ = ["CacheMark", "Fingerprints", "SessionState", "SnapshotError", "SnapshotInfo", "chat_fingerprint",
-           "corpus_fingerprint", "list_snapshots", "load_snapshot", "mark_cache", "model_fingerprint",
-           "reserve_entries", "rewind_cache", "save_snapshot", "snapshot_info", "tokenizer_fingerprint", "weights_fingerprint"]
+__all__ = ["Fingerprints", "SessionState", "SnapshotError", "SnapshotInfo", "chat_fingerprint", "corpus_fingerprint",
+           "list_snapshots", "load_snapshot", "model_fingerprint", "save_snapshot", "snapshot_info",
+           "tokenizer_fingerprint", "weights_fingerprint"]

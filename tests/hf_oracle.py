@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-SL, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
+from runtime.config import CSA, HCA, SLIDING as SL  # config.json's layer_types spelling, transformers' too
 
 
 def tiny_config(**over) -> dict:

@@ -356,6 +356,40 @@ def test_build_corpus_names(tmp_path):
         build_corpus([], 1 << 20, 100)
 
 
+# ------------------------------------------------------------------------------------ error codes -> the page's words
+def test_errors_are_explained_by_their_code():
+    """app/errors.py: the status title and the hint come from `code` and `remedy`, not from class names or text."""
+    from app.errors import CLEAR_CHAT_HINT, InputError, code_of, explain
+    from app.sessions import Busy
+    from runtime import Cancelled, ContextTooLarge, CorpusError, EngineError, SnapshotError
+
+    full = ContextTooLarge("the conversation is full: 3,000 tokens used; start a new conversation", 3100, 3072,
+                           code="conversation_full", remedy="new_conversation")
+    e = explain(full)
+    assert (e.title, e.kind, e.hint) == ("The conversation is full", "warn", CLEAR_CHAT_HINT)
+    assert e.text() == f"{full} {CLEAR_CHAT_HINT}" and "Clear chat" in e.text()
+    broken = EngineError("this session is unusable after an error (out of memory)", code="broken",
+                         remedy="new_conversation")
+    assert explain(broken).hint == CLEAR_CHAT_HINT and explain(broken).kind == "error"
+    streaming = EngineError("an answer is still streaming", code="busy", remedy="stop")
+    assert explain(streaming).title == "Busy" and "Stop" in explain(streaming).hint
+    cases = {ContextTooLarge("12,000 tokens; at most 3,072 fit", 12000, 3072): "The corpus does not fit the context",
+             Cancelled("prefill stopped after 2,048 of 9,000 tokens"): "Prefill stopped",
+             CorpusError("blob.bin: binary"): "These files cannot be used",
+             InputError("no files given"): "These files cannot be used",
+             SnapshotError("damaged snapshot"): "This snapshot cannot be used",
+             Busy("Your session is still busy (answering)"): "Busy"}
+    for err, title in cases.items():
+        assert explain(err, fallback="Loading failed").title == title, err
+        assert explain(err).hint == "" and explain(err).message == str(err)
+    # a subclass does not decide the title; its code does
+    assert explain(ContextTooLarge("x", 1, 0, code="conversation_full")).title == "The conversation is full"
+    # errors no request should cause have no code: the caller's fallback
+    oom = RuntimeError("out of memory")
+    assert code_of(oom) is None and explain(oom, fallback="Loading failed").title == "Loading failed"
+    assert code_of(OSError("disk full")) is None and code_of(EngineError("bad")) == "bad_request"
+
+
 @pytest.mark.skipif(not (SHIPPED / "config.json").is_file(), reason="no trained model in assets/model yet")
 def test_trained_model_finds_the_planted_fact(tmp_path):
     """The shipped model, end to end: the sample corpus, its question, the answer and the right file; then two

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_end_to_end(tmp_path):
     """One length through a worker process, --compare against transformers and eager, markdown + plot."""
     from bench.cli import KEEP_MARKER, main
-    from bench.split import CATEGORIES
+    from runtime.timing import CATEGORIES
 
     out, md = tmp_path / "r.json", tmp_path / "B.md"
     md.write_text("an older page\n" + KEEP_MARKER + "\n## Load test\n\nmeasured elsewhere\n")
@@ -52,8 +52,63 @@ def test_bench_end_to_end(tmp_path):
     assert r["decode_ref_context"] == 512 and r["decode_ratio_vs_ref"] > 0
     text = md.read_text()
     assert "## Targets" in text and "benchmarks.svg" in text and "| 1,024 |" in text
+    assert "## Latest runs" in text and "### `r.json`: preset `micro`, random weights" in text
     assert "an older page" not in text and text.endswith(KEEP_MARKER + "\n## Load test\n\nmeasured elsewhere\n")
     assert (tmp_path / "benchmarks.svg").read_text().startswith("<svg")
+
+
+def test_page_keeps_the_latest_run_of_each_kind(tmp_path):
+    """--write-md: a newer run replaces the section of its kind (same weights folder, device, dtype, threads and
+    lengths) and leaves the others; every target row names the weights, the CPU and the run it comes from."""
+    import copy
+
+    from bench.cli import KEEP_MARKER, write_md
+
+    two = json.loads((ROOT / "bench/results/default-model-2threads-1m-c.json").read_text())
+    one = json.loads((ROOT / "bench/results/default-model-1thread-1m-b.json").read_text())
+    newer = copy.deepcopy(two)
+    newer["meta"].update(started="2030-01-01T00:00:00+00:00", label="step 9,999, 2 threads",
+                         argv=["--model", "assets/model", "--contexts", "4096,1048576", "--threads", "2",
+                               "--json", "bench/results/new.json", "--label", "step 9,999, 2 threads", "--write-md"])
+    newer["meta"]["model"].pop("checkpoint", None)  # named by its --label
+    newer["runs"][1]["decode_ratio_vs_ref"] = 1.3
+    md = tmp_path / "B.md"
+    md.write_text("an older page\n" + KEEP_MARKER + "\n## Load test\n")
+    write_md([newer, one, two], md, tmp_path)
+
+    text = md.read_text()
+    assert text.endswith(KEEP_MARKER + "\n## Load test\n")
+    assert "`new.json`" in text and "default-model-2threads-1m-c.json" not in text
+    assert "`default-model-1thread-1m-b.json`" in text
+    assert "`python -m bench --model assets/model --contexts 4096,1048576 --threads 2 --json bench/results/new.json`" in text
+    rows = [r.split(" | ") for r in text.splitlines() if r.startswith("| Decode at 1,048,576")]
+    assert [(r[1][:5], r[3].split(" (")[0], r[4].split("; ")[1], r[5]) for r in rows] == [
+        ("1.30x", "step 9,999", "2 threads", "`new.json` |"),
+        ("1.68x", "step 3,750", "1 thread", "`default-model-1thread-1m-b.json` |")]
+    assert all(r[4].split("; ")[0].endswith(" vCPU") for r in rows)  # the CPU, with the threads after it
+    assert len(json.loads((tmp_path / "benchmarks.json").read_text())) == 2
+
+
+def test_archive_is_reproducible(tmp_path):
+    """bench/archive_results.py: the same members give the same bytes, whatever the order they were added in;
+    the originals leave the tree only once the archive holds them."""
+    from bench.archive_results import main, read_members
+
+    def add(archive, order, keep):
+        src = tmp_path / f"src-{archive}"
+        src.mkdir()
+        specs = []
+        for name in order:
+            (src / name).write_text(f"{name} " * 100)
+            specs.append(f"{src / name}=history/{name}")
+        assert main((["--keep"] if keep else []) + ["--archive", str(tmp_path / archive)] + specs) == 0
+        return src
+
+    add("a.tar.xz", ["x.txt", "y.txt"], keep=True)
+    src = add("b.tar.xz", ["y.txt", "x.txt"], keep=False)
+    assert (tmp_path / "a.tar.xz").read_bytes() == (tmp_path / "b.tar.xz").read_bytes()
+    assert read_members(tmp_path / "a.tar.xz") == {"history/x.txt": b"x.txt " * 100, "history/y.txt": b"y.txt " * 100}
+    assert not any(src.iterdir())
 
 
 def test_flop_model_useful_work_is_chunking_invariant():
@@ -69,33 +124,6 @@ def test_flop_model_useful_work_is_chunking_invariant():
         assert abs(v - b["useful"][cat]) <= 1e-9 * v, cat
     # performed work of the window band depends on the chunking (the band of a block), never below useful
     assert sum(b["performed"].values()) >= sum(b["useful"].values())
-
-
-def test_layer_timer_restores_the_runtime():
-    import torch
-
-    import runtime.attention as ra
-    import runtime.model as rm
-    from bench.configs import preset
-    from bench.split import LayerTimer
-    from runtime.config import ModelConfig
-    from runtime.model import Transformer
-
-    before = (ra.select_topk, rm.hc_weights, rm.hc_collapse, rm.hc_expand)
-    model = Transformer(ModelConfig.from_dict(preset("micro"))).init_weights(0).eval()
-    ids = torch.randint(0, 512, (1, 200), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = model(ids)
-        timer = LayerTimer(model)
-        try:
-            assert ra.select_topk is not before[0]
-            out = model(ids)
-        finally:
-            timer.close()
-    assert torch.equal(out, ref)
-    assert (ra.select_topk, rm.hc_weights, rm.hc_collapse, rm.hc_expand) == before
-    assert "scores" not in model.layers[3].attn.indexer.__dict__
-    assert not model.layers[0].attn._forward_hooks and not model.layers[0].attn._forward_pre_hooks
 
 
 def test_memory_guard_turns_an_overrun_into_an_error():

@@ -177,7 +177,7 @@ def test_cache_bytes(model, reference):
     assert nb["hca_entries"] == (T // 16) * d * e
     assert nb["total"] == sum(v for k, v in nb.items() if k != "total")
     assert cache.dense_nbytes() == cfg.num_hidden_layers * T * d * e
-    assert cache.entry_counts() == {1: T // 4, 2: T // 16, 3: T // 4}
+    assert cache.entry_counts() == {"L1.kv": T // 4, "L1.index": T // 4, "L2.kv": T // 16, "L3.kv": T // 4, "L3.index": T // 4}
 
 
 def test_bf16_indexer_keys(model, ids, reference):
@@ -303,3 +303,57 @@ def test_sparse_gradients_equal_eager(model, ids, block):
     for n, g in grads["eager"].items():
         torch.testing.assert_close(grads["sparse"][n], g, atol=1e-6, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
     model.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------ state, marks
+def test_layer_cache_classes_follow_layer_types(model):
+    from runtime.cache import CSACache, HCACache, LayerCache
+
+    cache = model.new_cache()
+    assert [type(lc) for lc in cache.layers] == [LayerCache, CSACache, HCACache, CSACache]
+    assert [lc.compressor_names for lc in cache.layers] == [(), ("kv", "index"), ("kv",), ("kv", "index")]
+
+
+@torch.no_grad()
+def test_mark_rewind_continues_exactly(model, ids):
+    """Rewinding to a mark and feeding other tokens equals a cache that never saw the first ones."""
+    a = 333  # mid pooling window of both rates
+    cache = model.new_cache()
+    model(ids[:, :a], cache)
+    mark = cache.mark()
+    model(ids[:, a:T], cache)  # grows entries (buffers reallocate), replaces windows and buffers
+    cache.rewind(mark)
+    assert cache.length == a and cache.entry_counts() == {"L1.kv": a // 4, "L1.index": a // 4, "L2.kv": a // 16,
+                                                          "L3.kv": a // 4, "L3.index": a // 4}
+    other = torch.flip(ids[:, a:a + 50], [1])
+    got = model(other, cache)
+    fresh = model.new_cache()
+    model(ids[:, :a], fresh)
+    torch.testing.assert_close(got, model(other, fresh), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="forward"):
+        model.new_cache().rewind(mark)
+
+
+@torch.no_grad()
+def test_state_round_trip_reserve_and_trim(model, ids):
+    cache = model.new_cache(index_dtype=torch.bfloat16)
+    model(ids[:, :401], cache)
+    state = {k: (None if v is None else v.clone()) for k, v in cache.state().items()}
+    counts = cache.entry_counts()
+    assert state["L1.kv.entries"].shape[1] == 100 and state["L0.window"].shape[1] == model.config.sliding_window - 1
+    back = runtime.Cache.from_state(model.config, state, cache.length, counts,
+                                    index_dtype=torch.bfloat16, reserve_tokens=300)
+    assert back.layers[1].kv.entries.data.shape[1] == (401 + 300) // 4 + 1  # room reserved once
+    assert back.layers[1].index.entries.data.dtype == torch.bfloat16
+    assert back.nbytes() == cache.nbytes()
+    nxt = ids[:, 401:460]
+    torch.testing.assert_close(model(nxt, back), model(nxt, cache), rtol=0, atol=0)
+    cache.trim()
+    assert all(st.entries.data.shape[1] == st.entries.n for lc in cache.layers for _, st in lc.compressors())
+    cache.reserve(2000)
+    assert cache.layers[2].kv.entries.data.shape[1] == 2000 // 16 + 1
+    torch.testing.assert_close(model(ids[:, 460:470], cache), model(ids[:, 460:470], back), rtol=0, atol=0)
+    bad = dict(state)
+    bad["L1.kv.entries"] = state["L1.kv.entries"][:, :99]
+    with pytest.raises(ValueError, match="L1.kv.entries shape"):
+        runtime.Cache.from_state(model.config, bad, 401, counts)

@@ -114,7 +114,7 @@ def test_bad_input_real_exit_status():
     p = subprocess.run([sys.executable, "-m", "runtime", "ask", "--corpus", "/nonexistent/x.txt", "--question", "q",
                         "--json"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert json.loads(p.stdout) == {"error": "/nonexistent/x.txt: no such file or directory"}
+    assert json.loads(p.stdout) == {"error": "/nonexistent/x.txt: no such file or directory", "code": "corpus"}
 
 
 def test_snapshot_commands(capsys, model_dir, work, tmp_path):
@@ -132,7 +132,7 @@ def test_snapshot_commands(capsys, model_dir, work, tmp_path):
     assert code == 0 and loaded["tokens"] == saved["tokens"] and loaded["documents"] == 3
     assert isinstance(loaded["answer"], str) and loaded["timings"]["prefill_tokens"] < 10
     code, out, _ = run_cli(capsys, "snapshot", "load", "0" * 32, *base)
-    assert code == 2 and "no such snapshot" in json.loads(out)["error"]
+    assert code == 2 and "no such snapshot" in json.loads(out)["error"] and json.loads(out)["code"] == "snapshot"
 
 
 def test_eval_without_its_module(capsys, monkeypatch):

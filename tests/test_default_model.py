@@ -33,11 +33,9 @@ def tok():
 @pytest.fixture(scope="module")
 def pool(tok):
     """Held-out haystack text (stdlib + Python docs only: listing them is fast)."""
-    sys.path.insert(0, str(REPO / "train"))
-    import corpus_sources
+    from runtime import haystacks, tasks as T
 
-    T = ev._tasks()
-    texts = corpus_sources.iter_texts("heldout", 400_000, sources=("stdlib", "pydoc"))
+    texts = haystacks.iter_texts("heldout", 400_000, sources=("stdlib", "pydoc"))
     return T.TokenPool.from_texts(texts, tok)
 
 
@@ -49,7 +47,8 @@ def test_shipped_folder():
 
 
 def _needle_case(model, tok, pool):
-    T = ev._tasks()
+    from runtime import tasks as T
+
     rng = random.Random(2024)
     hay = pool.text(2000, rng)
     value = "5820417"

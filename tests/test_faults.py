@@ -274,7 +274,8 @@ def test_a_failed_answer_is_cleared_and_the_corpus_kept(app, tmp_path, monkeypat
     chat = job.outputs()[-1][0]  # the failed turn says so in the chat too
     assert "out of memory" in text_of(chat[-1]) and "press Clear chat" in text_of(chat[-1])
     chat, _, _ = ask(c)  # asking again is refused with what to do, rather than answering from a broken cache
-    assert "unusable after an error" in text_of(chat[-1]) and "press Clear chat" in text_of(chat[-1])
+    note = text_of(chat[-1])  # the runtime's reason, and the page's remedy for it (app/errors.py: remedy new_conversation)
+    assert "unusable after an error" in note and "Press Clear chat to start a new conversation" in note
     monkeypatch.setattr(model, "forward", real)
     corpus_tokens = ws.session.corpus_tokens
     chat, chips, _ = c.predict(api_name="/clear")

@@ -196,6 +196,29 @@ def test_cache_ledger():
         F.cache_ledger({"x": -1}, 10)
 
 
+def test_cache_ledger_axis_reads_binary_units():
+    """The axis is in one binary unit chosen from the longer bar, never plotly's SI "0.5B / 1B"."""
+    fig = F.cache_ledger({"CSA KV": 384 << 20, "HCA": 128 << 20}, 3 << 30)  # 0.5 GiB of cache, 3 GiB dense
+    ax = fig.layout.xaxis
+    assert ax.ticksuffix == " GiB" and ax.exponentformat == "none" and "GiB" in ax.title.text
+    assert [t.x[0] for t in fig.data] == [0.375, 0.125, 3.0]  # the data in GiB
+    assert fig.data[0].text[0] == "384.0 MiB" and "402,653,184 B" in fig.data[0].hovertemplate  # exact bytes
+    small = F.cache_ledger({"window": 3 << 10}, 12 << 10)
+    assert small.layout.xaxis.ticksuffix == " KiB" and [t.x[0] for t in small.data] == [3.0, 12.0]
+    tiny = F.cache_ledger({"window": 100}, 900)
+    assert tiny.layout.xaxis.ticksuffix == " B" and [t.x[0] for t in tiny.data] == [100, 900]
+
+
+def test_byte_unit():
+    assert F.byte_unit(0) == ("B", 1)
+    assert F.byte_unit(1023) == ("B", 1)
+    assert F.byte_unit(1024) == ("KiB", 1024)
+    assert F.byte_unit(5 << 20) == ("MiB", 1 << 20)
+    assert F.byte_unit((1 << 30) - 1) == ("MiB", 1 << 20)
+    assert F.byte_unit(3 << 30) == ("GiB", 1 << 30)
+    assert F.byte_unit(1 << 60) == ("TiB", 1 << 40)  # the largest unit, whatever the size
+
+
 def test_format_bytes():
     assert F.format_bytes(0) == "0 B"
     assert F.format_bytes(1023) == "1023 B"

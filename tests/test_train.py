@@ -181,9 +181,9 @@ def test_batch_workers_build_the_serial_batches():
     text = (REPO / "assets" / "examples" / "lighthouse_log.md").read_text()
     pool = tasks.TokenPool.from_texts([text] * 4, tok)
     mix, task = [["niah", 0.5], ["kv", 0.5]], {"value_fmt": "number", "max_needles": 3}
-    workers = T.BatchWorkers(2, pool, tok, seed=11)
+    workers = T.BatchWorkers(2, pool, tok)
     try:
-        got = list(workers.stage(5, 9, 600, 2, 0.05, mix, task))
+        got = list(workers.stage(11, 5, 9, 600, 2, 0.05, mix, task))
     finally:
         workers.close()
     for step, (ids, lm_pos, ans, meta, kl_seed) in zip(range(5, 9), got):
@@ -192,22 +192,6 @@ def test_batch_workers_build_the_serial_batches():
         assert torch.equal(ids, ids2) and lm_pos == lm_pos2 and ans == ans2 and meta == meta2
         assert kl_seed == rng.randrange(1 << 30)
     assert len({tuple(g[0][0, :50].tolist()) for g in got}) == 4  # each step its own batch
-
-
-def test_plant_spans_cover_the_items_at_every_depth():
-    """Each span is its item's text, also for items appended to a text that ends mid-line (a leading newline
-    is added there; it once shifted the span, and with it the answer's source tokens, by one character)."""
-    import tasks
-
-    for hay in ("alpha beta\ngamma delta\nepsilon", "alpha beta\ngamma delta\n", ""):
-        items = [(1.0, "The code for A is 123."), (0.0, "The code for B is 45."), (1.0, "The code for C is 6."),
-                 (0.5, "The code for D is 78.")]
-        text, spans = tasks.plant(hay, items)
-        assert [text[a:b].rstrip("\n") for a, b in spans] == [s for _, s in items]
-        rest = text
-        for _, item in items:
-            rest = rest.replace(item + "\n", "", 1)
-        assert rest.rstrip("\n") == hay.rstrip("\n")  # the haystack is untouched (newlines added at its end)
 
 
 def test_last_p_puts_the_asked_needle_right_before_the_question(monkeypatch):
@@ -233,27 +217,11 @@ def test_last_p_puts_the_asked_needle_right_before_the_question(monkeypatch):
     assert 10 <= last <= 30
     # make_batch gives such an example no recap, even when every other example gets one
     recapped = []
-    monkeypatch.setattr(T, "RECAP_P", 1.0)
     monkeypatch.setattr(tasks, "add_recap", lambda ex, rng: recapped.append(ex.no_recap) or ex)
     for step in range(20):
-        T.make_batch(T.step_rng(3, step), pool, tok, 600, 1, 0.0, mix=[["niah", 1.0]], task_opts=dict(task, last_p=0.5))
+        T.make_batch(T.step_rng(3, step), pool, tok, 600, 1, 0.0, mix=[["niah", 1.0]], task_opts=dict(task, last_p=0.5),
+                     recap_p=1.0)
     assert 0 < len(recapped) < 20 and not any(recapped)
-
-
-def test_run_p_plants_runs_of_equal_digits():
-    import random
-    import re
-
-    import tasks
-
-    for fmt in ("number", "number:4-8"):
-        vals = [tasks.make_value(random.Random(i), "train", fmt, run_p=1.0) for i in range(200)]
-        assert all(re.search(r"(\d)\1", v) and v[0] != "0" and v.isdigit() for v in vals)
-        lo = 3 if fmt == "number" else 4
-        assert {len(v) for v in vals} == set(range(lo, 9))
-        assert any(re.search(r"(\d)\1\1\1", v) for v in vals)  # runs of up to 4
-        assert [tasks.make_value(random.Random(i), "train", fmt) for i in range(50)] == \
-            [tasks.make_value(random.Random(i), "train", fmt, run_p=0.0) for i in range(50)]
 
 
 def test_sharded_export_loads(tmp_path):
@@ -277,7 +245,7 @@ def test_time_budget_fits_the_last_stage(tmp_path, monkeypatch):
 
     text = (REPO / "assets" / "examples" / "lighthouse_log.md").read_text()
     monkeypatch.setattr(tasks.TokenPool, "corpus",
-                        classmethod(lambda cls, split, max_bytes, tok, cache_dir=None: cls.from_texts([text] * 8, tok)))
+                        classmethod(lambda cls, split, max_bytes, tok, **kw: cls.from_texts([text] * 8, tok)))
     opts = {"mix": [["niah", 1.0]], "task": {"value_fmt": "number", "max_needles": 2}}
     exp = {"stages": [["a", 3, 256, 1, False, 1e-4, opts], ["b", 100_000, 256, 1, False, 1e-4, opts]]}
     out = tmp_path / "run"
@@ -305,20 +273,22 @@ def test_time_budget_fits_the_last_stage(tmp_path, monkeypatch):
 def test_cpu_recipe(tmp_path, monkeypatch):
     """--recipe cpu: STAGES' first five stages, then long stages with position skips and the asked needle
     last in a share of examples; the model starts with the RoPE-free slot layout."""
+    import recipes
     import tasks
 
-    stages = T.RECIPES["cpu"][0]
-    assert stages[:5] == T.STAGES[:5] and sum(s[1] for s in stages) < sum(s[1] for s in T.STAGES)
-    for name, steps, length, batch, dense, lr, opts in stages[5:]:
-        assert not dense and length >= 4096 and opts["skip_p"] > 0 and opts["task"]["last_p"] > 0
+    (phase,) = T.RECIPES["cpu"].phases
+    stages = phase.stages
+    assert stages[:5] == recipes.STAGES[:5] and phase.steps < sum(s.steps for s in recipes.STAGES)
+    for st in stages[5:]:
+        assert not st.dense_csa and st.seq_len >= 4096 and st.settings["skip_p"] > 0 and st.task["last_p"] > 0
     text = (REPO / "assets" / "examples" / "lighthouse_log.md").read_text()
     monkeypatch.setattr(tasks.TokenPool, "corpus",
-                        classmethod(lambda cls, split, max_bytes, tok, cache_dir=None: cls.from_texts([text] * 8, tok)))
+                        classmethod(lambda cls, split, max_bytes, tok, **kw: cls.from_texts([text] * 8, tok)))
     out = tmp_path / "run"
     T.main(["--out", str(out), "--recipe", "cpu", "--device", "cpu", "--max-steps", "0", "--eval-every", "0",
             "--export-stages", str(out / "exp")])
     m = runtime.load_model(out / "exp" / "step0")  # the initial weights
-    ref = T.build_model(1234)  # INIT is now the cpu recipe's
+    ref = T.build_model(1234, phase.init)
     for blk, rb in zip(m.layers, ref.layers):
         if blk.attn.indexer is not None:
             torch.testing.assert_close(blk.attn.compressor.ape, rb.attn.compressor.ape)

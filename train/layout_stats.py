@@ -1,7 +1,7 @@
 """How often the value nearest the question is the asked one, in the training data of a task setting.
 
     .venv/bin/python train/layout_stats.py                      # the long stages' niah data (recap drill on)
-    .venv/bin/python train/layout_stats.py --last-p 0.3         # with train/cpu_end.sh's last_p
+    .venv/bin/python train/layout_stats.py --last-p 0.3         # with phase end-1's last_p (train/recipes.py)
 
 Samples needle examples as make_batch builds them (recap drill included, train split) and reports the share
 whose planted value closest before the question (a haystack needle or a recap copy, within ``--near``

@@ -13,7 +13,7 @@ Design (DeepSeek-V3/V4 style, scaled down):
     ``<｜Assistant｜>``, ``<pad>``.
   * trainer: ``BpeTrainer(vocab_size=8192, min_frequency=2, initial_alphabet=ByteLevel.alphabet())``.
 
-The corpus (train/corpus_sources.py) is read in a fixed, hash-based order with the sources interleaved by bytes,
+The corpus (runtime/haystacks.py) is read in a fixed, hash-based order with the sources interleaved by bytes,
 and BPE training has no randomness, so the same machine contents give the same tokenizer.json.
 """
 
@@ -32,10 +32,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import corpus_sources  # noqa: E402
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from runtime import haystacks  # noqa: E402
+
 DEFAULT_OUT = REPO / "assets" / "tokenizer.json"
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -62,7 +62,7 @@ def build_untrained() -> Tokenizer:
 
 
 def train(max_bytes: int = TRAIN_BYTES, vocab_size: int = VOCAB_SIZE, out: Path = DEFAULT_OUT,
-          sources=corpus_sources.SOURCES) -> Tokenizer:
+          sources=haystacks.SOURCES) -> Tokenizer:
     tok = build_untrained()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -75,7 +75,7 @@ def train(max_bytes: int = TRAIN_BYTES, vocab_size: int = VOCAB_SIZE, out: Path 
     per_source: dict[str, int] = {}
 
     def texts():
-        for doc, text in corpus_sources.iter_documents("train", max_bytes, sources):
+        for doc, text in haystacks.iter_documents("train", max_bytes, sources):
             n = len(text.encode("utf-8"))
             stats["docs"] += 1
             stats["bytes"] += n
@@ -113,7 +113,7 @@ def measure(path: Path = DEFAULT_OUT, split: str = "heldout", max_bytes: int | N
         batch.clear()
         batch_src.clear()
 
-    for doc, text in corpus_sources.iter_documents(split, max_bytes):
+    for doc, text in haystacks.iter_documents(split, max_bytes):
         per.setdefault(doc.source, [0, 0, 0])[2] += 1
         for i in range(0, len(text), chunk_chars):
             batch.append(text[i:i + chunk_chars])

@@ -1,12 +1,31 @@
 """Train the embedded default model ("ds4-tiny"): a small DeepSeek-V4 that finds things in long contexts.
 
-    .venv/bin/python train/train.py --out train/runs/ds4-tiny            # full curriculum (resumes if a checkpoint exists)
-    .venv/bin/python train/train.py --out train/runs/smoke --smoke       # a few minutes: does it learn at all?
-    .venv/bin/python train/train.py --out train/runs/ds4-tiny --export assets/model   # write the shipped folder
-    .venv/bin/python train/train.py --out train/runs/cpu --recipe cpu --threads 2  # all on a CPU (~130 min)
+    .venv/bin/python train/train.py --recipe shipped --out train/runs/shipped     # every phase of the shipped model
+    .venv/bin/python train/train.py --recipe cpu --out train/runs/cpu --threads 2  # all on a CPU (~130 min)
+    .venv/bin/python train/train.py --recipe smoke --out train/runs/smoke          # minutes: does it learn at all?
+    .venv/bin/python train/train.py --recipe shipped --out train/runs/shipped --export assets/model  # a checkpoint
+    .venv/bin/python train/train.py --list                                         # the recipes and their phases
 
-The model is the runtime's own ``runtime.model.Transformer`` built from ``CONFIG`` (a transformers-style
-config.json); training calls its ordinary differentiable forward. Losses:
+Recipes are data (train/recipes.py): a recipe chains *phases*; a phase is one training run (fresh optimiser,
+its own data seed) over *stages* (steps at one length, each with its warm-up + cosine learning rate).
+A recipe of several phases runs each in ``OUT/<phase>/`` and exports its end to ``OUT/<phase>/model/``,
+which the next phase starts from; a one-phase recipe runs in ``OUT/`` itself. Rerunning the same command
+after an interruption goes on where it stopped: finished phases (``model/`` present) are skipped and the
+phase under way resumes from its ``checkpoint.pt``. ``--phases a,b`` runs only those (the first from
+``--init-from DIR`` when the phase before it has no export in OUT). ``--recipe shipped`` runs, in order:
+cpu (4,650 steps) -> gpu-1 (16k, 32k tokens) -> gpu-2 (64k) -> end-1 (4k, 8k) -> end-4 (4k); its model is
+``OUT/end-4/model`` (assets/model/MODEL_CARD.md, "How it was trained").
+
+GPU phases (gpu-1, gpu-2) run on CUDA. Without one the command stops before them (exit status 3) and says
+so: rerun it on a CUDA machine with OUT copied over (and train/runs/pool_*.npy, the cached token pools, if
+that machine lacks the corpus; ``bench/cuda_parity.py --model OUT/cpu/model`` checks its logits against the
+CPU's first), or add ``--gpu-phases-on-cpu`` to run them on the CPU as the former cpu_long.sh did: the same
+stages and data with two threads, hours each (gpu-1 measured 20 s per step at ~17.5 GB resident; gpu-2's
+65,536-token steps need about twice that memory). The CPU phases ran with ``MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=100000000000`` in the environment (glibc; speed only).
+
+The model is the runtime's own ``runtime.model.Transformer`` built from the recipe's config (train/recipes.py
+CONFIG, a transformers-style config.json); training calls its ordinary differentiable forward. Losses:
 
 * language modelling on a random share of the haystack/question positions (``--lm-rate``);
 * answer tokens (and the closing EOS) of every question, weighted ``--w-answer``;
@@ -18,19 +37,21 @@ config.json); training calls its ordinary differentiable forward. Losses:
   - ``--w-idx``: the lightning-indexer scores (on detached inputs) toward the entries holding the value;
   - ``--w-kl``: the DeepSeek-V3.2 indexer KL toward the main attention;
   - ``--w-csa`` (0 by default): the head-mean CSA logits toward those entries;
-* copy drills (``RECAP_P`` of the examples, tasks.add_recap): some planted lines are repeated verbatim
-  before the question; their values are predicted like answers and supervised like answers.
+* copy drills (the phase's ``recap_p`` of the examples, tasks.add_recap): some planted lines are repeated
+  verbatim before the question; their values are predicted like answers and supervised like answers.
   Because the repeated lines are never the asked ones, the drill alone teaches that a value right before
-  the question is not the answer; the task option ``last_p`` (train/cpu_end.sh) puts the asked needle
-  there, with no drill, in that share of needle examples.
+  the question is not the answer; the task option ``last_p`` (phase end-1) puts the asked needle there,
+  with no drill, in that share of needle examples.
+
+A stage may set any of these for itself (``Stage.settings``, e.g. ``w_hca``, ``skip_p``).
 
 Position skips (``--skip-p``, PoSE): in that share of steps the sequence runs as two calls and the RoPE
 positions of the second jump ahead by 4,096..``--skip-max`` (``pick_skip``; ``Transformer.hidden``'s
 ``position_offset``), so a short step trains the relative distances of a long context. Copies from far back
 slipped, though the right entry was selected and attended to, because an entry is read as a value too and
 RoPE turns its last channels by the query-entry distance: the slot layout below had put half of one slot's
-channels there. ``free_rope_channels`` (train/cpu_end.sh phase 4) clears them on a trained model;
-``slot_layout(rope_free=True)`` keeps them clear from the start.
+channels there. ``free_rope_channels`` (phase end-4) clears them on a trained model;
+``slot_layout(rope_free=True)`` keeps them clear from the start (recipe cpu).
 
 Why per-head slots: a CSA entry pools 4 tokens (8 with the overlap) into one vector, so a query that finds
 the right entry still has to say *which* of its tokens comes next. The compressor's gate is a softmax over
@@ -40,28 +61,22 @@ slot s. Without both, 2.3M tokens of training found the needle's entry every tim
 nothing (assets/model/MODEL_CARD.md, training history); with them the copy circuit forms in a few hundred
 steps.
 
-Recipes (``--recipe``): ``shipped`` is ``STAGES``, the CPU part of the shipped model, which then had GPU phases
-(train/gpu_long.sh) and a CPU finish (train/cpu_end.sh); ``cpu`` (``CPU_STAGES``) folds what those taught into
-one run: 4,350 steps, 128.5 min of step time on two CPU cores (assets/model/MODEL_CARD.md).
+Data and every random draw of step ``s`` come from the phase's seed and ``s`` alone, so a resumed run is
+identical to an uninterrupted one. Checkpoints (model, optimiser, step) are written every ``--ckpt-minutes``
+and at each stage end; CPU by default, CUDA when available (``--device``).
 
-Curriculum (``STAGES``): the first stage runs the CSA layer dense over all compressed entries (the indexer
-is detached from the forward; V3.2's dense warm-up) at short length; later stages use the real sparse top-k
-at longer lengths. Data and every random draw of step ``s`` come from ``seed`` and ``s`` alone, so a resumed
-run is identical to an uninterrupted one. Checkpoints (model, optimiser, step) are written every
-``--ckpt-minutes`` and at each stage end; CPU by default, CUDA when available (``--device``).
-
-GPU (``--device cuda``): the step is bound by kernel launches, not arithmetic, so ``--query-block 2048
+GPU: the step is bound by kernel launches, not arithmetic, so the GPU phases run with ``--query-block 2048
 --score-budget-mb 4096`` (fewer, larger attention blocks; the same outputs, tests/test_cache.py) and
-``--workers 8`` (batches built ahead in processes, the same batches) matter; on one H200 a 32,768-token
-step took a median 0.60 s and a 65,536-token step ~0.65 s once warm. ``--init-from DIR`` starts from an
-exported model with a fresh optimiser; ``--time-budget MIN`` fits the last stage into a time limit (its
-fitted length is logged; a resumed run does not refit). train/gpu_long.sh is the GPU run of the model card.
+``--workers 8`` (batches built ahead in processes, the same batches); on one H200 a 32,768-token step took a
+median 0.60 s and a 65,536-token step ~0.65 s once warm. ``--init-from DIR`` starts the first phase from an
+exported model with a fresh optimiser; ``--time-budget MIN`` fits each phase's last stage into a time limit
+(its fitted length is logged; a resumed run does not refit).
 
-Threads: ``--threads 1`` is the default. On the shared 2-core machine two torch threads were 5-10x *slower*
-than one (each op waits for the slower thread when the other core is busy): measured 1.1-1.5k tok/s with one
-thread vs 150-300 tok/s with two, for the same step. With nothing else running, two threads pay off: a median of
-4.1-4.5 s per 8,192-token step (two runs of 550 and 700 steps) vs about 7 s with one (``--threads 2`` with
-``OMP_NUM_THREADS=2``).
+Threads: ``--threads 1`` is the default (a phase's ``run`` may say otherwise; the command line wins). On the
+shared 2-core machine two torch threads were 5-10x *slower* than one (each op waits for the slower thread when
+the other core is busy): measured 1.1-1.5k tok/s with one thread vs 150-300 tok/s with two, for the same step.
+With nothing else running, two threads pay off: a median of 4.1-4.5 s per 8,192-token step (two runs of 550
+and 700 steps) vs about 7 s with one (``--threads 2`` with ``OMP_NUM_THREADS=2``).
 """
 
 from __future__ import annotations
@@ -75,6 +90,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("RAYON_NUM_THREADS", "2")
@@ -86,117 +102,24 @@ sys.path.insert(0, str(REPO / "train"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from runtime.config import CSA, HCA, SLIDING, ModelConfig  # noqa: E402
+from runtime.config import CSA, HCA, ModelConfig  # noqa: E402
 from runtime.model import Transformer  # noqa: E402
 from runtime.tokenizer import Tokenizer  # noqa: E402
+from recipes import (CONFIG, DEFAULT_MIX, DEFAULT_TASK, RECAP_P, RECIPES, RUN_DEFAULTS, Init, Phase,  # noqa: E402
+                     Recipe, Stage)
 from retrieval_losses import CSAProbe, HCAProbe, entry_targets  # noqa: E402
 import tasks  # noqa: E402
 
-CONFIG = {
-    "model_type": "deepseek_v4",
-    "architectures": ["DeepseekV4ForCausalLM"],
-    "vocab_size": 8192,
-    "hidden_size": 256,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 1,
-    "head_dim": 128,
-    "qk_rope_head_dim": 16,
-    "partial_rotary_factor": 0.125,
-    "q_lora_rank": 128,
-    "o_groups": 2,
-    "o_lora_rank": 64,
-    "layer_types": [SLIDING, SLIDING, HCA, CSA],
-    "compress_rates": {CSA: 4, HCA: 128},
-    "mlp_layer_types": ["hash_moe", "moe", "moe", "moe"],
-    "moe_intermediate_size": 128,
-    "n_routed_experts": 4,
-    "num_experts_per_tok": 2,
-    "n_shared_experts": 1,
-    "scoring_func": "sqrtsoftplus",
-    "norm_topk_prob": True,
-    "routed_scaling_factor": 1.5,
-    "swiglu_limit": 10.0,
-    "sliding_window": 128,
-    "index_n_heads": 4,
-    "index_head_dim": 64,
-    "index_topk": 64,
-    "hc_mult": 2,
-    "hc_sinkhorn_iters": 20,
-    "hc_eps": 1e-6,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
-    "compress_rope_theta": 160000.0,
-    "max_position_embeddings": 2097152,
-    "num_nextn_predict_layers": 0,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "pad_token_id": 4,
-    "tie_word_embeddings": True,
-    "torch_dtype": "float32",
-}
-
-# (name, steps, seq_len, batch, dense_csa, lr_peak, options). Options: "sched" = (offset, length) places the
-# stage inside a longer warmup+cosine schedule (so a stage can change loss weights mid-schedule); any other
-# key overrides the command-line loss weight of that name for the stage.
-STAGES = [
-    # the copy circuit forms fastest on needles alone (numeric values of 4-8 digits), then all three skills,
-    # then needles again (up to 6 per example, as many as the evaluation plants) while the rate anneals
-    ("niah-320", 1000, 320, 4, True, 2e-3, {"mix": [["niah", 1.0]], "task": {"value_fmt": "number:4-8",
-                                                                         "max_needles": 4}}),
-    ("mix-384", 600, 384, 4, True, 1.5e-3, {"sched": (0, 2600)}),
-    ("niah-384", 800, 384, 4, True, 1e-3, {"mix": [["niah", 0.85], ["kv", 0.15]], "sched": (0, 1200),
-                                           "task": {"value_fmt": "number", "max_needles": 6}}),
-    # long sequences last: the HCA layer must meet many entries (32 at 4,096 tokens, not 3 at 384) and the
-    # CSA layer the real top-k, or accuracy falls with length; the HCA penalty (HCAProbe) keeps the share
-    # of attention its entries take from growing with their number
-    ("sparse-1024", 200, 1024, 2, False, 5e-4, {"mix": [["niah", 0.7], ["kv", 0.2], ["continue", 0.1]],
-                                                "w_hca": 2.0}),
-    ("sparse-4096", 150, 4096, 1, False, 4e-4, {"mix": [["niah", 0.8], ["kv", 0.2]], "w_hca": 2.0,
-                                                "task": {"value_fmt": "number", "max_needles": 6}}),
-    # more of the long, sparse regime (copy precision fell with length: single-digit slips at 32k), with a
-    # fifth of the needles on the haystack's first or last line (the last one sits in the sliding window)
-    ("long-4096", 700, 4096, 1, False, 3e-4, {"mix": [["niah", 0.8], ["kv", 0.2]], "w_hca": 2.0,
-                                              "task": {"value_fmt": "number", "max_needles": 6, "edge_p": 0.2}}),
-    ("long-8192", 300, 8192, 1, False, 2e-4, {"mix": [["niah", 0.8], ["kv", 0.2]], "w_hca": 2.0,
-                                              "task": {"value_fmt": "number", "max_needles": 6, "edge_p": 0.2}}),
-    # the same regime again: each earlier long stage lifted 32k/128k accuracy while answer-token accuracy
-    # stayed ~0.85, so more steps at the longest affordable length
-    ("long-8192b", 700, 8192, 1, False, 2e-4, {"mix": [["niah", 0.8], ["kv", 0.2]], "w_hca": 2.0,
-                                               "task": {"value_fmt": "number", "max_needles": 6, "edge_p": 0.2}}),
-    # then 200 steps of it at a low peak rate (a restart at 1.5e-4 lost 32k accuracy; see the model card)
-    ("long-8192c", 200, 8192, 1, False, 3e-5, {"mix": [["niah", 0.8], ["kv", 0.2]], "w_hca": 2.0,
-                                               "task": {"value_fmt": "number", "max_needles": 6, "edge_p": 0.2}}),
-]
-# The CPU recipe (``--recipe cpu``): the whole run on a 2-core CPU in about 130 minutes, no GPU phases, no
-# separate finish. The first five stages are STAGES' own; what the shipped model learnt in its GPU phases and
-# CPU finish is folded into the long stages from the start: the slot layout keeps RoPE's channels free
-# (slot_layout rope_free, instead of free_rope_channels later), half the steps skip 4k-256k RoPE positions
-# between the asked value and the question (PoSE: far distances at 4,096-8,192 tokens' cost), and 30% of
-# needle examples put the asked needle right before the question (``last_p``, instead of cpu_end.sh phase 1).
-_LONG = {"mix": [["niah", 0.8], ["kv", 0.2]], "w_hca": 2.0, "skip_p": 0.5, "skip_max": 262144,
-         "task": {"value_fmt": "number", "max_needles": 6, "edge_p": 0.2, "last_p": 0.3}}
-CPU_STAGES = STAGES[:5] + [
-    ("long-4096", 700, 4096, 1, False, 3e-4, _LONG),
-    ("long-8192", 300, 8192, 1, False, 2e-4, _LONG),
-    ("anneal-4096", 600, 4096, 1, False, 1e-4, _LONG),
-]
-RECIPES = {"shipped": (STAGES, {"ape_slots": 5.0}), "cpu": (CPU_STAGES, {"ape_slots": 5.0, "rope_free": True})}
-SMOKE_STAGES = [("smoke-dense-384", 120, 384, 4, True, 2e-3, {}), ("smoke-sparse-512", 20, 512, 2, False, 1e-3, {})]
-MIX = (("niah", 0.7), ("kv", 0.2), ("continue", 0.1))
-RECAP_P = 0.6  # share of training examples with a copy drill (tasks.add_recap)
-INIT: dict = {"ape_slots": 5.0}  # structured init (see slot_layout)
-TASK_OPTS: dict = {"value_fmt": "number", "max_needles": 4}  # niah: numeric values (RULER-style passkeys)
 PAD = 4
 
 
 # --------------------------------------------------------------------------------------------- model
-def build_model(seed: int) -> Transformer:
-    model = Transformer(ModelConfig.from_dict(CONFIG)).init_weights(seed)
+def build_model(seed: int, init: Init = Init(), config: dict = CONFIG) -> Transformer:
+    model = Transformer(ModelConfig.from_dict(dict(config))).init_weights(seed)
     with torch.no_grad():
-        if INIT.get("ape_slots"):
-            slot_layout(model, INIT["ape_slots"], INIT.get("rope_free", False))
-    if CONFIG["tie_word_embeddings"]:
+        if init.ape_slots:
+            slot_layout(model, init.ape_slots, init.rope_free)
+    if config["tie_word_embeddings"]:
         model.head.weight = model.embed.weight
     return model
 
@@ -227,7 +150,7 @@ def free_rope_channels(model: Transformer) -> None:
     """On a trained model: make each CSA compressor pool its RoPE channels evenly over the current window
     (slot bias and gate projection zeroed there; the previous window's half at the lowest bias that half has
     elsewhere, -5.8 in the model it was first applied to), so no token's content rides on them; training then
-    moves what they held to the other channels (train/cpu_end.sh, phase 4)."""
+    moves what they held to the other channels (recipe phase end-4)."""
     R = model.config.qk_rope_head_dim
     for blk in model.layers:
         comp = blk.attn.compressor
@@ -288,17 +211,18 @@ def step_rng(seed: int, step: int, salt: int = 0) -> random.Random:
 
 
 def make_batch(step_seed: random.Random, pool, tok, T: int, B: int, lm_rate: float, variant: str = "train",
-               recap: bool = True, mix=None, task_opts=None):
-    """Token ids [B, T] plus loss bookkeeping for one batch of fresh examples."""
+               recap: bool = True, mix=None, task_opts=None, recap_p: float = RECAP_P):
+    """Token ids [B, T] plus loss bookkeeping for one batch of fresh examples (``mix`` and ``task_opts``:
+    the recipes' defaults when None)."""
     ids = torch.full((B, T), PAD, dtype=torch.long)
     lm_pos, ans, meta = [], [], []
     for b in range(B):
         for attempt in range(20):
             r = step_seed.random()
-            kind = next(k for k, c in _cum(mix or MIX) if r < c)
+            kind = next(k for k, c in _cum(mix or DEFAULT_MIX) if r < c)
             ex = tasks.make_example(kind, step_seed, pool, T - 8 - 6 * attempt - (60 if recap else 0), variant,
-                                    **(TASK_OPTS if task_opts is None else task_opts))
-            if recap and step_seed.random() < RECAP_P and not ex.no_recap:
+                                    **(DEFAULT_TASK if task_opts is None else task_opts))
+            if recap and step_seed.random() < recap_p and not ex.no_recap:
                 tasks.add_recap(ex, step_seed)
             ex = tasks.render(ex, tok)
             if len(ex.ids) <= T:
@@ -351,13 +275,15 @@ class BatchWorkers:
     """Processes that build a stage's batches ahead of its steps. A batch and its KL seed depend on (seed,
     step) alone, exactly as in the serial loop, so a run is the same with or without workers."""
 
-    def __init__(self, n: int, pool, tok, seed: int):
+    def __init__(self, n: int, pool, tok):
         import multiprocessing as mp
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the tokenizer's thread pool must not cross fork()
-        self.procs = mp.get_context("fork").Pool(n, initializer=_worker_init, initargs=(pool, tok, seed))
+        self.procs = mp.get_context("fork").Pool(n, initializer=_worker_init, initargs=(pool, tok))
 
-    def stage(self, start: int, end: int, T: int, B: int, lm_rate: float, mix, task):
-        return self.procs.imap(_worker_batch, [(s, T, B, lm_rate, mix, task) for s in range(start, end)])
+    def stage(self, seed: int, start: int, end: int, T: int, B: int, lm_rate: float, mix, task,
+              recap_p: float = RECAP_P):
+        return self.procs.imap(_worker_batch, [(seed, s, T, B, lm_rate, mix, task, recap_p)
+                                               for s in range(start, end)])
 
     def close(self):
         self.procs.terminate()
@@ -366,15 +292,16 @@ class BatchWorkers:
 _W: dict = {}
 
 
-def _worker_init(pool, tok, seed):
+def _worker_init(pool, tok):
     torch.set_num_threads(1)
-    _W.update(pool=pool, tok=tok, seed=seed)
+    _W.update(pool=pool, tok=tok)
 
 
 def _worker_batch(job):
-    step, T, B, lm_rate, mix, task = job
-    rng = step_rng(_W["seed"], step)
-    ids, lm_pos, ans, meta = make_batch(rng, _W["pool"], _W["tok"], T, B, lm_rate, mix=mix, task_opts=task)
+    seed, step, T, B, lm_rate, mix, task, recap_p = job
+    rng = step_rng(seed, step)
+    ids, lm_pos, ans, meta = make_batch(rng, _W["pool"], _W["tok"], T, B, lm_rate, mix=mix, task_opts=task,
+                                        recap_p=recap_p)
     return ids, lm_pos, ans, meta, rng.randrange(1 << 30)
 
 
@@ -490,18 +417,18 @@ def lr_at(step_in_stage: int, steps: int, peak: float, warmup: int = 30) -> floa
 
 # --------------------------------------------------------------------------------------------- eval during training
 @torch.no_grad()
-def quick_eval(model, pool, tok, T: int, n: int, seed: int, dense: bool, device) -> dict:
+def quick_eval(model, pool, tok, T: int, n: int, seed: int, dense: bool, device, mix=None, task=None) -> dict:
     """Held-out, teacher-forced: share of questions whose every answer token is the argmax, and indexer
     recall of the value's entries in the real top-k (sparse forward) at the first answer query."""
     model.eval()
     rng = random.Random(seed)
     exact, total, by_kind = 0, 0, {}
     for i in range(n):
-        ids, lm_pos, ans, meta = make_batch(rng, pool, tok, T, 1, 0.0, variant="eval", recap=False)
+        ids, lm_pos, ans, meta = make_batch(rng, pool, tok, T, 1, 0.0, variant="eval", recap=False, mix=mix,
+                                            task_opts=task)
         with dense_csa(model, dense):
             logits = model(ids.to(device))[0]
         a_pos, a_tgt, _ = ans[0]
-        ex_ok = []
         # split per question: contiguous runs of positions
         runs, cur = [], []
         for t, y in zip(a_pos, a_tgt):
@@ -521,14 +448,14 @@ def quick_eval(model, pool, tok, T: int, n: int, seed: int, dense: bool, device)
     return out
 
 
-# --------------------------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------------------------- checkpoints
 def save_ckpt(path: Path, model, opt, step: int, extra: dict):
     tmp = path.with_suffix(".tmp")
     torch.save({"model": export_state(model), "opt": opt.state_dict(), "step": step, "extra": extra}, tmp)
     os.replace(tmp, path)
 
 
-def export(model, out_dir: Path, shard_mb: float = 0):
+def export(model, out_dir: Path, shard_mb: float = 0, config: dict = CONFIG):
     """config.json, tokenizer.json and the weights: one model.safetensors, or with ``shard_mb`` several
     files of at most that size (runtime.load_model reads every *.safetensors of a folder)."""
     from safetensors.torch import save_file
@@ -544,22 +471,227 @@ def export(model, out_dir: Path, shard_mb: float = 0):
     for i, part in enumerate(shards):
         name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(part, str(out_dir / name), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(dict(config), indent=2) + "\n")
     shutil.copyfile(REPO / "assets" / "tokenizer.json", out_dir / "tokenizer.json")
 
 
-def main(argv=None) -> int:
+def initial_model(recipe: Recipe, phase: Phase, seed: int, init_from: Path | None) -> Transformer:
+    """A phase's starting weights: built from scratch (the phase's Init), or loaded from ``init_from`` (then
+    ``free_rope_channels`` if the phase asks for it)."""
+    torch.manual_seed(seed)
+    model = build_model(seed, phase.init, recipe.config)
+    if init_from is not None:
+        from safetensors.torch import load_file
+        state = {}
+        for f in sorted(Path(init_from).glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        model.load_state_dict(state, strict=True)
+        if recipe.config["tie_word_embeddings"]:
+            model.head.weight = model.embed.weight
+        if phase.init.free_rope_channels:
+            with torch.no_grad():
+                free_rope_channels(model)
+        print(f"initialised from {init_from}" + (" (RoPE channels freed)" if phase.init.free_rope_channels else ""),
+              flush=True)
+    return model
+
+
+# --------------------------------------------------------------------------------------------- one phase
+def run_phase(recipe: Recipe, phase: Phase, pdir: Path, init_from: Path | None, args, run: dict, device: str,
+              seed: int, pool, heldout, tok, batches, export_dir: Path | None) -> bool:
+    """Train one phase in ``pdir``, resuming its checkpoint if there is one. True when it ran to its end (the
+    weights then exported to ``pdir/model``), False when --max-steps or --time-budget stopped it."""
+    torch.set_num_threads(run["threads"])
+    pdir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = pdir / "checkpoint.pt"
+    fresh = not ckpt_path.is_file()
+    if fresh:  # what this phase starts from, for the record
+        (pdir / "phase.json").write_text(json.dumps({"recipe": recipe.name, "phase": asdict(phase), "seed": seed,
+                                                     "init_from": None if init_from is None else str(init_from),
+                                                     "device": device, "run": run}, indent=1) + "\n")
+    dev = torch.device(device)
+    model = initial_model(recipe, phase, seed, init_from if fresh else None).to(dev)
+    for blk in model.layers:
+        if run["query_block"]:
+            blk.attn.query_block = run["query_block"]
+        if run["score_budget_mb"]:
+            blk.attn.score_budget = run["score_budget_mb"] << 20
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01, eps=1e-8)
+    step = 0
+    if not fresh:
+        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        model.load_state_dict(ck["model"], strict=True)
+        if recipe.config["tie_word_embeddings"]:
+            model.head.weight = model.embed.weight
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        print(f"resumed from {ckpt_path} at step {step}", flush=True)
+
+    csa_layer = next(i for i, t in enumerate(model.config.layer_types) if t == CSA)
+    probe = CSAProbe(model, csa_layer)
+    hca_layer = next((i for i, t in enumerate(model.config.layer_types) if t == HCA), None)
+    hca_probe = HCAProbe(model, hca_layer) if hca_layer is not None else None
+    balancer = BiasBalancer(model)
+    log = open(pdir / "log.jsonl", "a")
+    model.train()
+    stages = phase.stages
+    last_ckpt = t_start = time.time()
+    deadline = t_start + args.time_budget * 60 if args.time_budget else None
+    begin = 0
+
+    def save(name: str, export_stage: bool):
+        save_ckpt(ckpt_path, model, opt, step, {"recipe": recipe.name, "phase": phase.name, "stage": name})
+        if export_stage and export_dir is not None:
+            export(model, export_dir / f"step{step}", run["shard_mb"], recipe.config)
+
+    def stop(name: str, why: str) -> bool:
+        save(name, True)
+        print(f"stopped at step {step} of phase {phase.name} ({why}); rerun the same command to go on", flush=True)
+        log.close()
+        return False
+
+    for si, stage in enumerate(stages):
+        T, B, dense, lr_peak = stage.seq_len, stage.batch, stage.dense_csa, stage.lr
+        end = begin + stage.steps
+        sched_off, sched_len = stage.sched or (0, stage.steps)
+        sargs = argparse.Namespace(**{**vars(args), **stage.settings})  # the stage's loss weights
+        mix = stage.mix if stage.mix is not None else phase.mix
+        task = stage.task if stage.task is not None else phase.task
+        feed = None
+        if batches is not None and run["workers"] and step < end:
+            feed = batches.stage(seed, step, end, T, B, sargs.lm_rate, mix, task, phase.recap_p)
+        stage_secs = []
+        while step < end:
+            if args.max_steps is not None and step >= args.max_steps:
+                return stop(stage.name, "--max-steps")
+            if deadline and time.time() > deadline:
+                return stop(stage.name, "--time-budget")
+            ts = time.time()
+            lr = lr_at(step - begin + sched_off, sched_len, lr_peak)
+            for gparam in opt.param_groups:
+                gparam["lr"] = lr
+            if feed is not None:
+                ids, lm_pos, ans, meta, kl_seed = next(feed)
+            else:
+                rng = step_rng(seed, step)
+                ids, lm_pos, ans, meta = make_batch(rng, pool, tok, T, B, sargs.lm_rate, mix=mix, task_opts=task,
+                                                    recap_p=phase.recap_p)
+                kl_seed = rng.randrange(1 << 30)
+            with dense_csa(model, dense):
+                loss, st = forward_losses(model, probe, ids, lm_pos, ans, sargs, kl_seed, dev, hca_probe, meta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+            opt.step()
+            balancer.update()
+            step += 1
+            dt = time.time() - ts
+            stage_secs.append(dt)
+            if (deadline and si == len(stages) - 1 and step - begin == 20 and stage.sched is None
+                    and sched_len == stage.steps):
+                # the last stage's length fitted to the budget while still in warm-up (which does not
+                # depend on the stage length): its cosine then runs to the end
+                per = sorted(stage_secs[5:])[len(stage_secs[5:]) // 2] * 1.08  # median, +8% for evals
+                fit = 20 + int((deadline - time.time()) / per)
+                if fit < stage.steps:
+                    end, sched_len = begin + max(fit, 31), max(fit, 31)
+                    print(f"--time-budget: stage {stage.name} shortened to {sched_len} steps", flush=True)
+                    log.write(json.dumps({"stage": stage.name, "fitted_steps": sched_len, "step": step}) + "\n")
+            rec = {"step": step, "stage": stage.name, "T": T, "B": B, "lr": lr, "gnorm": gn, "sec": dt,
+                   "tok_s": B * T / dt, "kinds": [m["kind"] for m in meta], **{k: round(v, 4) for k, v in st.items()}}
+            log.write(json.dumps(rec) + "\n"); log.flush()
+            if step % 5 == 0 or step == 1:
+                print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
+                               if k not in ("kinds",)), flush=True)
+            if run["eval_every"] and (step % run["eval_every"] == 0 or step == end):
+                ev = quick_eval(model, heldout, tok, T, run["eval_n"], 99, dense, dev, phase.mix, phase.task)
+                ev.update(step=step, stage=stage.name, eval=True)
+                log.write(json.dumps(ev) + "\n"); log.flush()
+                print("EVAL", json.dumps(ev), flush=True)
+            if time.time() - last_ckpt > run["ckpt_minutes"] * 60 or step == end:
+                save(stage.name, False)
+                if step == end:  # each stage's end stays on disk (to export or resume from)
+                    shutil.copyfile(ckpt_path, pdir / f"ckpt-step{step}.pt")
+                    if export_dir is not None:
+                        export(model, export_dir / f"step{step}", run["shard_mb"], recipe.config)
+                last_ckpt = time.time()
+        begin = end
+    save("done", False)
+    tmp = pdir / "model.tmp"  # the phase's end, for the next phase: written whole, then renamed
+    shutil.rmtree(tmp, ignore_errors=True)
+    export(model, tmp, 0, recipe.config)
+    os.replace(tmp, pdir / "model")
+    log.close()
+    print(f"phase {phase.name} done: {step}/{phase.steps} steps ({(time.time() - t_start) / 60:.1f} min), "
+          f"model in {pdir / 'model'}", flush=True)
+    return True
+
+
+# --------------------------------------------------------------------------------------------- recipes
+def resolve_recipe(args) -> Recipe:
+    """--recipe (or --smoke), with --experiment's JSON turning it into a one-phase "experiment" recipe:
+    {"stages": [[name, steps, T, B, dense, lr, {options}], ...], "mix": [...], "task": {...}, "recap_p": p,
+    "init": {...}, "config": {...}} (absent keys: the recipe's first phase's stages and init, the default mix
+    and recap share, no task options, the recipe's config)."""
+    recipe = RECIPES["smoke" if args.smoke else args.recipe]
+    if not args.experiment:
+        return recipe
+    exp = json.loads(args.experiment)
+    base = recipe.phases[0]
+    phase = Phase("experiment", tuple(Stage.from_list(s) for s in exp["stages"]) if "stages" in exp else base.stages,
+                  mix=tuple((k, float(w)) for k, w in exp["mix"]) if "mix" in exp else DEFAULT_MIX,
+                  task=exp.get("task", {}), recap_p=exp.get("recap_p", RECAP_P),
+                  init=Init.from_dict(exp["init"]) if "init" in exp else base.init)
+    return Recipe("experiment", (phase,), {**recipe.config, **exp.get("config", {})}).validated()
+
+
+def run_settings(phase: Phase, args, device: str) -> dict:
+    """RUN_DEFAULTS, then the phase's ``run`` (``run_cpu`` for a gpu phase on a CPU), then the command line."""
+    run = dict(RUN_DEFAULTS, **phase.run)
+    if device == "cpu" and phase.gpu:
+        run.update(phase.run_cpu)
+    run.update({k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None})
+    return run
+
+
+def phase_device(phase: Phase, args) -> str | None:
+    """--device, else CUDA when available; None for a gpu phase without CUDA (unless --gpu-phases-on-cpu)."""
+    if args.device:
+        return args.device
+    if torch.cuda.is_available():
+        return "cuda"
+    return None if phase.gpu and not args.gpu_phases_on_cpu else "cpu"
+
+
+def list_recipes() -> str:
+    lines = []
+    for r in RECIPES.values():
+        lines.append(f"{r.name}: {r.about}")
+        for p in r.phases:
+            start = "from the previous phase" if p.start == "previous" else "from scratch"
+            lines.append(f"  {p.name:6s} {p.steps:5d} steps, seed {p.seed}, {start}{', GPU' if p.gpu else ''}: "
+                         + ", ".join(f"{s.name} ({s.steps} x {s.seq_len})" for s in p.stages))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "train" / "runs" / "ds4-tiny"))
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--smoke", action="store_true", help="tiny curriculum to check that learning starts")
     ap.add_argument("--recipe", choices=sorted(RECIPES), default="shipped",
-                    help="stages and initial layout: 'shipped' (STAGES, then the GPU phases and CPU finish of "
-                         "the model card) or 'cpu' (CPU_STAGES: everything in one CPU run)")
+                    help="train/recipes.py: 'shipped' (every phase of the shipped model), 'cpu' (everything in "
+                         "one CPU run), 'smoke', or a tried phase (end-2, end-3, end-5; with --init-from)")
+    ap.add_argument("--list", action="store_true", help="print the recipes, their phases and stages, and exit")
+    ap.add_argument("--phases", default=None, help="comma-separated phases of the recipe to run (default: all)")
+    ap.add_argument("--gpu-phases-on-cpu", action="store_true",
+                    help="without CUDA, run the recipe's GPU phases on the CPU (hours) instead of stopping")
+    ap.add_argument("--seed", type=int, default=None, help="data seed of every phase (default: each phase's own)")
+    ap.add_argument("--smoke", action="store_true", help="the same as --recipe smoke")
     ap.add_argument("--pool-bytes", type=int, default=16_000_000, help="train-split text for haystacks")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads; 1 is several times faster than 2 on the shared 2-core machine")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: the phase's, else 1: several times faster than 2 on the shared "
+                         "2-core machine)")
+    ap.add_argument("--device", default=None, help="every phase on this device (default: CUDA when available)")
     ap.add_argument("--lm-rate", type=float, default=0.02)
     ap.add_argument("--w-answer", type=float, default=4.0)
     ap.add_argument("--w-csa", type=float, default=0.0)
@@ -577,182 +709,119 @@ def main(argv=None) -> int:
                     help="share of steps whose RoPE positions skip ahead between the asked value and the question (PoSE)")
     ap.add_argument("--skip-max", type=int, default=262144, help="with --skip-p: the longest skip")
     ap.add_argument("--kl-queries", type=int, default=48)
-    ap.add_argument("--ckpt-minutes", type=float, default=10.0)
-    ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--eval-n", type=int, default=16)
-    ap.add_argument("--max-steps", type=int, default=None, help="stop after this global step (for staged runs)")
-    ap.add_argument("--export", default=None, help="write config/safetensors/tokenizer of the checkpoint here and exit")
+    ap.add_argument("--ckpt-minutes", type=float, default=None,
+                    help="checkpoint interval (default: the phase's, else 10)")
+    ap.add_argument("--eval-every", type=int, default=None,
+                    help="held-out check interval (default: the phase's, else 100)")
+    ap.add_argument("--eval-n", type=int, default=None,
+                    help="examples per held-out check (default: the phase's, else 16)")
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="stop the phase under way at this step of it (rerun the command to go on)")
+    ap.add_argument("--export", default=None,
+                    help="write config/safetensors/tokenizer of the latest checkpoint in OUT here and exit")
     ap.add_argument("--export-stages", default=None,
-                    help="also export each stage's end (and a --time-budget stop) to DIR/step<N>/, sharded")
-    ap.add_argument("--shard-mb", type=float, default=0, help="with --export(-stages): safetensors files of at most this size")
+                    help="also export each stage's end (and a stop) to DIR/step<N>/ (DIR/<phase>/step<N>/ for a "
+                         "recipe of several phases)")
+    ap.add_argument("--shard-mb", type=float, default=None,
+                    help="with --export(-stages): safetensors files of at most this size (default: the phase's)")
     ap.add_argument("--init-from", default=None,
-                    help="start from this model folder's weights (fresh optimiser, step 0 of the stages)")
+                    help="start the first phase run from this model folder's weights (fresh optimiser)")
     ap.add_argument("--time-budget", type=float, default=None,
-                    help="minutes of training: the last stage is shortened, once its warm-up is timed, so that "
-                         "the run ends within the budget with its whole cosine; any stage stops at the budget")
-    ap.add_argument("--workers", type=int, default=0, help="processes that build batches ahead of the steps")
+                    help="minutes of training per phase: its last stage is shortened, once its warm-up is timed, so "
+                         "that the phase ends within the budget with its whole cosine; any stage stops at the budget")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes that build batches ahead of the steps (default: the phase's, else 0)")
     ap.add_argument("--query-block", type=int, default=None,
                     help="queries per attention block (runtime default 128; larger = fewer kernels on a GPU)")
     ap.add_argument("--score-budget-mb", type=int, default=None,
                     help="fp32 scratch per attention block (runtime default 256 MB; caps the query block)")
-    ap.add_argument("--experiment", default=None, help="JSON overrides for experiments: "
+    ap.add_argument("--experiment", default=None, help="JSON for a one-phase experiment (resolve_recipe): "
                     '{"mix": [["niah", 1.0]], "task": {"max_needles": 1}, "stages": [[name, steps, T, B, dense, lr, {}]]}')
-    args = ap.parse_args(argv)
-    global MIX, TASK_OPTS, RECAP_P, INIT
-    recipe_stages, INIT = RECIPES[args.recipe]
-    stages_override = None
-    if args.experiment:
-        exp = json.loads(args.experiment)
-        MIX = tuple(tuple(x) for x in exp.get("mix", MIX))
-        TASK_OPTS = exp.get("task", {})
-        RECAP_P = exp.get("recap_p", RECAP_P)
-        INIT = exp.get("init", INIT)
-        stages_override = [tuple(x) for x in exp["stages"]] if "stages" in exp else None
-        CONFIG.update(exp.get("config", {}))
+    return ap
 
-    torch.set_num_threads(args.threads)
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list:
+        print(list_recipes())
+        return 0
+    recipe = resolve_recipe(args)
+    names = [p.name for p in recipe.phases]
+    chosen = args.phases.split(",") if args.phases else names
+    if set(chosen) - set(names):
+        sys.exit(f"error: recipe {recipe.name} has no phase {sorted(set(chosen) - set(names))}; it has {names}")
+    phases = [p for p in recipe.phases if p.name in chosen]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
-    device = torch.device(args.device)
-    stages = stages_override or (SMOKE_STAGES if args.smoke else recipe_stages)
+    pdir = {p.name: out / p.name if len(recipe.phases) > 1 else out for p in recipe.phases}
+    seed_of = {p.name: p.seed if args.seed is None else args.seed for p in recipe.phases}
 
-    tok = Tokenizer.default()
-    t0 = time.time()
-    pool = heldout = None
-    if not args.export:
-        pool = tasks.TokenPool.corpus("train", args.pool_bytes, tok, cache_dir=REPO / "train" / "runs")
-        heldout = tasks.TokenPool.corpus("heldout", 3_000_000, tok, cache_dir=REPO / "train" / "runs")
-        print(f"pools: train {len(pool)} tokens, heldout {len(heldout)} tokens ({time.time() - t0:.0f}s)", flush=True)
-    # batch workers fork before any CUDA work (a forked child must not inherit a live CUDA context)
-    batches = BatchWorkers(args.workers, pool, tok, args.seed) if args.workers and pool else None
+    def start_of(phase: Phase) -> Path | None:
+        if phase is phases[0] and args.init_from:
+            return Path(args.init_from)
+        if phase.start == "scratch":
+            return None
+        i = names.index(phase.name)
+        prev = pdir[names[i - 1]] / "model" if i else None
+        if prev is None or not prev.is_dir():
+            after = f"phase {names[i - 1]}'s end ({prev}), which is not there" if i else "a model folder"
+            sys.exit(f"error: phase {phase.name} starts from {after}: pass --init-from DIR"
+                     + (" or run that phase first" if i else ""))
+        return prev
 
-    torch.manual_seed(args.seed)
-    model = build_model(args.seed)
-    if args.init_from and not ckpt_path.is_file():
-        from safetensors.torch import load_file
-        state = {}
-        for f in sorted(Path(args.init_from).glob("*.safetensors")):
-            state.update(load_file(str(f)))
-        model.load_state_dict(state, strict=True)
-        if CONFIG["tie_word_embeddings"]:
-            model.head.weight = model.embed.weight
-        if INIT.get("free_rope_channels"):
-            with torch.no_grad():
-                free_rope_channels(model)
-        print(f"initialised from {args.init_from}" + (" (RoPE channels freed)" if INIT.get("free_rope_channels") else ""),
-              flush=True)
-    model = model.to(device)
-    for blk in model.layers:
-        if args.query_block:
-            blk.attn.query_block = args.query_block
-        if args.score_budget_mb:
-            blk.attn.score_budget = args.score_budget_mb << 20
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.01, eps=1e-8)
-    step = 0
-    if ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        missing = model.load_state_dict(ck["model"], strict=True)
-        if CONFIG["tie_word_embeddings"]:
-            model.head.weight = model.embed.weight
-        opt.load_state_dict(ck["opt"])
-        step = ck["step"]
-        print(f"resumed from {ckpt_path} at step {step}", flush=True)
     if args.export:
-        export(model, Path(args.export), args.shard_mb)
-        print(f"exported step {step} to {args.export}")
+        done = [p for p in phases if (pdir[p.name] / "checkpoint.pt").is_file()]
+        p = done[-1] if done else phases[0]
+        ck = pdir[p.name] / "checkpoint.pt"
+        model = initial_model(recipe, p, seed_of[p.name], None if done else start_of(p))
+        if done:
+            model.load_state_dict(torch.load(ck, map_location="cpu", weights_only=False)["model"], strict=True)
+        export(model, Path(args.export), args.shard_mb or 0, recipe.config)
+        print(f"exported {ck if done else 'the initial weights of phase ' + p.name} to {args.export}")
         return 0
 
-    csa_layer = next(i for i, t in enumerate(model.config.layer_types) if t == CSA)
-    probe = CSAProbe(model, csa_layer)
-    hca_layer = next((i for i, t in enumerate(model.config.layer_types) if t == HCA), None)
-    hca_probe = HCAProbe(model, hca_layer) if hca_layer is not None else None
-    balancer = BiasBalancer(model)
-    log = open(out / "log.jsonl", "a")
-    model.train()
-    total_steps = sum(s[1] for s in stages)
-    last_ckpt = t_start = time.time()
-    deadline = t_start + args.time_budget * 60 if args.time_budget else None
-    begin = 0
-    base_args = vars(args).copy()
-
-    def stop(name: str, why: str) -> int:
-        save_ckpt(ckpt_path, model, opt, step, {"stage": name})
-        if args.export_stages:
-            export(model, Path(args.export_stages) / f"step{step}", args.shard_mb)
-        print(f"stopped at step {step} ({why})", flush=True)
-        if batches:
+    todo = [p for p in phases if not (pdir[p.name] / "model").is_dir()]
+    for p in phases:
+        if p not in todo:
+            print(f"phase {p.name}: done ({pdir[p.name] / 'model'})", flush=True)
+    devices = {p.name: phase_device(p, args) for p in todo}
+    runnable = []
+    for p in todo:
+        if devices[p.name] is None:
+            break
+        runnable.append(p)
+    batches = pool = heldout = None
+    tok = Tokenizer.default()
+    if runnable:
+        t0 = time.time()
+        pool = tasks.TokenPool.corpus("train", args.pool_bytes, tok, cache_dir=REPO / "train" / "runs")
+        heldout = tasks.TokenPool.corpus("heldout", 3_000_000, tok, cache_dir=REPO / "train" / "runs", strict=False)
+        print(f"pools: train {len(pool)} tokens, heldout {len(heldout)} tokens ({time.time() - t0:.0f}s)", flush=True)
+        n_workers = max(run_settings(p, args, devices[p.name])["workers"] for p in runnable)
+        # batch workers fork before any CUDA work (a forked child must not inherit a live CUDA context)
+        batches = BatchWorkers(n_workers, pool, tok) if n_workers else None
+    try:
+        for p in runnable:
+            print(f"phase {p.name} of recipe {recipe.name} on {devices[p.name]}: {p.about}", flush=True)
+            export_dir = None
+            if args.export_stages:
+                export_dir = Path(args.export_stages) / (p.name if len(recipe.phases) > 1 else "")
+            run = run_settings(p, args, devices[p.name])
+            ckpt = pdir[p.name] / "checkpoint.pt"
+            if not run_phase(recipe, p, pdir[p.name], None if ckpt.is_file() else start_of(p), args, run,
+                             devices[p.name], seed_of[p.name], pool, heldout, tok, batches, export_dir):
+                return 0
+    finally:
+        if batches is not None:
             batches.close()
-        return 0
-
-    for si, (name, steps, T, B, dense, lr_peak, opts) in enumerate(stages):
-        end = begin + steps
-        sched_off, sched_len = opts.get("sched", (0, steps))
-        for k, v in base_args.items():  # per-stage loss-weight overrides ("mix" and "task": data overrides)
-            setattr(args, k, opts.get(k, v))
-        feed = None
-        if batches and step < end:
-            feed = batches.stage(step, end, T, B, args.lm_rate, opts.get("mix"), opts.get("task"))
-        stage_secs = []
-        while step < end:
-            if args.max_steps is not None and step >= args.max_steps:
-                return stop(name, "--max-steps")
-            if deadline and time.time() > deadline:
-                return stop(name, "--time-budget")
-            ts = time.time()
-            lr = lr_at(step - begin + sched_off, sched_len, lr_peak)
-            for gparam in opt.param_groups:
-                gparam["lr"] = lr
-            if feed is not None:
-                ids, lm_pos, ans, meta, kl_seed = next(feed)
-            else:
-                rng = step_rng(args.seed, step)
-                ids, lm_pos, ans, meta = make_batch(rng, pool, tok, T, B, args.lm_rate, mix=opts.get("mix"),
-                                                    task_opts=opts.get("task"))
-                kl_seed = rng.randrange(1 << 30)
-            with dense_csa(model, dense):
-                loss, st = forward_losses(model, probe, ids, lm_pos, ans, args, kl_seed, device, hca_probe, meta)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
-            opt.step()
-            balancer.update()
-            step += 1
-            dt = time.time() - ts
-            stage_secs.append(dt)
-            if (deadline and si == len(stages) - 1 and step - begin == 20 and "sched" not in opts
-                    and sched_len == steps):
-                # the last stage's length fitted to the budget while still in warm-up (which does not
-                # depend on the stage length): its cosine then runs to the end
-                per = sorted(stage_secs[5:])[len(stage_secs[5:]) // 2] * 1.08  # median, +8% for evals
-                fit = 20 + int((deadline - time.time()) / per)
-                if fit < steps:
-                    end, sched_len = begin + max(fit, 31), max(fit, 31)
-                    print(f"--time-budget: stage {name} shortened to {sched_len} steps", flush=True)
-                    log.write(json.dumps({"stage": name, "fitted_steps": sched_len, "step": step}) + "\n")
-            rec = {"step": step, "stage": name, "T": T, "B": B, "lr": lr, "gnorm": gn, "sec": dt,
-                   "tok_s": B * T / dt, "kinds": [m["kind"] for m in meta], **{k: round(v, 4) for k, v in st.items()}}
-            log.write(json.dumps(rec) + "\n"); log.flush()
-            if step % 5 == 0 or step == 1:
-                print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
-                               if k not in ("kinds",)), flush=True)
-            if args.eval_every and (step % args.eval_every == 0 or step == end):
-                ev = quick_eval(model, heldout, tok, T, args.eval_n, 99, dense, device)
-                ev.update(step=step, stage=name, eval=True)
-                log.write(json.dumps(ev) + "\n"); log.flush()
-                print("EVAL", json.dumps(ev), flush=True)
-            if time.time() - last_ckpt > args.ckpt_minutes * 60 or step == end:
-                save_ckpt(ckpt_path, model, opt, step, {"stage": name})
-                if step == end:  # each stage's end stays on disk (to export or resume from)
-                    shutil.copyfile(ckpt_path, out / f"ckpt-step{step}.pt")
-                    if args.export_stages:
-                        export(model, Path(args.export_stages) / f"step{step}", args.shard_mb)
-                last_ckpt = time.time()
-        begin = end
-    save_ckpt(ckpt_path, model, opt, step, {"stage": "done"})
-    if batches:
-        batches.close()
-    print(f"done: {step}/{total_steps} steps ({(time.time() - t_start) / 60:.1f} min)", flush=True)
+    if len(runnable) < len(todo):
+        p = todo[len(runnable)]
+        print(f"stopped before phase {p.name}: it needs a CUDA GPU ({', '.join(f'{s.seq_len:,}' for s in p.stages)}"
+              f"-token sequences) and none is available. Rerun this command on a CUDA machine with {out} copied "
+              f"over, or add --gpu-phases-on-cpu to run the GPU phases on this CPU (hours per phase; see "
+              f"train/train.py), or train with --recipe cpu (one CPU run, ~130 min).", file=sys.stderr, flush=True)
+        return 3
+    last = pdir[phases[-1].name] / "model"
+    print(f"recipe {recipe.name} done: the model is {last}", flush=True)
     return 0
 
 
