@@ -18,6 +18,8 @@ import statistics
 import sys
 import time
 
+from runtime.config import CSA
+
 from .machine import _sync, proc_status, reset_peak_rss, torch_dtype
 
 
@@ -37,7 +39,7 @@ def _csa_records(cap, cfg) -> dict[int, tuple]:
     """{layer: (selected [S, K] with -1 padding, selected scores [S, K])} from a runtime Capture."""
     out = {}
     for i, t in enumerate(cfg.layer_types):
-        if t == "compressed_sparse_attention" and i in cap.layers:
+        if t == CSA and i in cap.layers:
             r = cap.record(i)
             out[i] = (r.selected[0], r.scores[0])
     return out
@@ -79,7 +81,7 @@ def selection_check(rt, hf, ids, cfg, logits_rt, logits_hf, logits_eager, tol: f
     import runtime
 
     hooks, hf_sel, hf_scores = [], {}, {}
-    csa = [i for i, t in enumerate(cfg.layer_types) if t == "compressed_sparse_attention"]
+    csa = [i for i, t in enumerate(cfg.layer_types) if t == CSA]
     for i in csa:
         ix = hf.model.layers[i].self_attn.compressor.indexer
         hooks.append(ix.register_forward_hook(lambda m, a, o, i=i: hf_sel.__setitem__(i, o[0])))

@@ -632,7 +632,7 @@ def markdown(sets: list[dict], svg_rel: str | None, command: str | None = None) 
     sets = latest_per_kind(sets)
     L = ["# Benchmarks", "",
          "Speed and memory against context length, measured by `python -m bench` (bench/). Each length runs in a",
-         "fresh worker process: a chunked prefill (`model(ids[:, s:s+chunk], cache, logits_to_keep=1)`), then greedy",
+         "fresh worker process: the engine's chunked prefill and decode step (runtime/generate.py), then greedy",
          "decode steps; tokens/s = prefilled tokens / median prefill time, decode = median over all steps, peak RSS =",
          "the worker's VmHWM (model included). The matmul peak and copy bandwidth are measured at the start of each",
          "run. Every ratio comes from one run; every figure names the weights it ran with (\"shipped config\": the",

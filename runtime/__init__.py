@@ -15,7 +15,8 @@ import importlib
 # Names resolve lazily, so the pure modules (runtime.corpus, runtime.tokenizer, runtime.memory) import without torch.
 _EXPORTS = {
     "Cache": "cache", "CacheMark": "cache", "Capture": "introspect", "LayerRecord": "introspect",
-    "ConfigError": "config", "ModelConfig": "config", "Transformer": "model", "load_model": "model",
+    "ConfigError": "config", "ModelConfig": "config", "SLIDING": "config", "CSA": "config", "HCA": "config",
+    "SHORT": "config", "Transformer": "model", "load_model": "model",
     "Engine": "engine", "Budget": "budget", "Session": "session", "PrefillProgress": "session", "Piece": "session",
     "Answer": "session", "LoadReport": "session", "Conversation": "conversation", "CorpusContext": "conversation",
     "Turn": "conversation", "GenerationParams": "generate", "Generation": "generate", "generate": "generate",

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -21,49 +18,14 @@ import torch
 
 from .budget import Budget
 from .cache import Cache
-from .config import CSA, HCA, SLIDING
 from .conversation import Turn
 from .errors import Cancelled, ContextTooLarge, EngineError
 from .generate import GenerationParams, forward, sample_next
 from .introspect import Capture
 from .session import Answer, LoadReport, Piece, PrefillProgress, Session
 from .snapshot import model_fingerprint, tokenizer_fingerprint, weights_fingerprint
+from .timing import LayerTimer
 from .tokenizer import DEFAULT_PATH as DEFAULT_TOKENIZER, Tokenizer
-
-LAYER_KIND = {SLIDING: "sliding", CSA: "csa", HCA: "hca"}
-
-
-class _LayerTimer:
-    """Seconds per layer kind, from forward pre/post hooks on every attention and MoE module."""
-
-    def __init__(self, model):
-        self.model, self.seconds, self._t0 = model, {}, {}
-        self._sync = model.device.type == "cuda"  # CUDA runs async: time what ran, not what was queued
-
-    def _now(self) -> float:
-        if self._sync:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def _start(self, module, args) -> None:
-        self._t0[id(module)] = self._now()
-
-    def _stop(self, kind: str, module, args, output) -> None:
-        self.seconds[kind] = self.seconds.get(kind, 0.0) + self._now() - self._t0.pop(id(module))
-
-    @contextmanager
-    def active(self):
-        handles = []
-        for block in self.model.layers:
-            for mod, kind in ((block.attn, LAYER_KIND[block.attn.layer_type]), (block.ffn, "moe")):
-                handles.append(mod.register_forward_pre_hook(self._start))
-                handles.append(mod.register_forward_hook(partial(self._stop, kind)))
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
 
 class Engine:
     def __init__(self, model, tokenizer: Tokenizer, *, chunk_size: int = 2048, max_context_tokens: int | None = None,
@@ -136,12 +98,13 @@ class Engine:
         return self._tok_fp
 
     # ------------------------------------------------------------------------------------ compute
-    def guard(self, timer: "_LayerTimer | None" = None) -> "_Guard":
+    def guard(self, timer: LayerTimer | None = None) -> "_Guard":
         """The lock every forward of this engine's sessions holds (with `timer`'s hooks while held)."""
         return _Guard(self._lock, timer)
 
-    def layer_timer(self) -> "_LayerTimer":
-        return _LayerTimer(self.model)
+    def layer_timer(self) -> LayerTimer:
+        """Seconds by layer kind (sliding / csa / hca attention, moe), hooked only while a guard holds it."""
+        return LayerTimer(self.model, detail=False, attach=False)
 
     def forward(self, ids: Sequence[int], cache: Cache, capture: Capture | None = None) -> torch.Tensor:
         """Feed `ids` into `cache` under the engine's lock; float logits [vocab] of the last position."""
@@ -154,7 +117,7 @@ class Engine:
 class _Guard:
     """A reusable context: the engine's lock, plus a layer timer's hooks while it is held."""
 
-    def __init__(self, lock: threading.Lock, timer: "_LayerTimer | None"):
+    def __init__(self, lock: threading.Lock, timer: LayerTimer | None):
         self.lock, self.timer, self._active = lock, timer, None
 
     def __enter__(self):

@@ -4,8 +4,8 @@
                                 [--model DIR] [--n 4] [--json]
 
 For every length L and each of ``n`` haystacks, a haystack of about L tokens is cut from the given files
-(or, by default, from the held-out split of train/corpus_sources.py, text the default model never saw in
-training) and one item per requested depth is planted in it with a seeded generator (train/tasks.py has
+(or, by default, from the held-out split of runtime/haystacks.py, pinned by runtime/haystacks.json: text
+the default model never saw in training) and one item per requested depth is planted in it with a seeded generator (runtime/tasks.py has
 the formats): a needle line, a structured key-value block, or -- for ``continue`` -- nothing (a unique
 snippet at that depth is quoted back). The haystack is prefilled once into a runtime ``Cache`` through the
 generation core (runtime/generate.py, the path the app serves); each question then continues that cache from
@@ -50,7 +50,7 @@ KINDS = ("niah", "kv", "continue")
 def build_case(kind: str, rng: random.Random, pool, tok, length: int, depths, variant: str = "eval",
                values: str = "number"):
     """A haystack of about ``length`` prompt tokens with one item per depth: (haystack text, [QA]).
-    ``values``: the niah value format (train/tasks.py make_value: number, code, words) or "mixed"."""
+    ``values``: the niah value format (runtime/tasks.py make_value: number, code, words) or "mixed"."""
     if kind == "niah":
         used, items = set(), []
         while len(items) < len(depths):

@@ -216,8 +216,8 @@ class QA:
     value_chars: tuple[int, int] | None  # char span of the answer's source in the user content (first turn)
     depth: float = 0.0
     kind: str = ""
-    value_tokens: tuple[int, int] | None = None  # token span in ids (filled by render)
-    answer_tokens: tuple[int, int] | None = None  # ids[a:b] = answer tokens + EOS (filled by render)
+    value_tokens: tuple[int, int] | None = None  # token span in ids (filled by the caller: char_span_to_tokens)
+    answer_tokens: tuple[int, int] | None = None  # ids[a:b] = answer tokens + EOS (training: train/tasks.py render)
 
 
 def _line_start_at(text: str, pos: int) -> int:
@@ -235,10 +235,10 @@ def plant(text: str, items: list[tuple[float, str]]) -> tuple[str, list[tuple[in
 
     Returns the new text and each item's char span (in input order)."""
     order = sorted(range(len(items)), key=lambda i: items[i][0])
-    cuts, out, spans = [], [], [None] * len(items)
+    cuts, spans = [], [None] * len(items)
     for i in order:
         cuts.append(_line_start_at(text, int(round(items[i][0] * len(text)))))
-    prev, shift = 0, 0
+    prev = 0
     pieces = []
     for i, c in zip(order, cuts):
         c = max(c, prev)

@@ -1,21 +1,25 @@
-"""Fixtures shared across test files: the random tiny model folder, the shipped model and engine, and
-one torch thread for tiny models. Tests import helpers from here (or tests/hf_oracle.py), never from
-another test module."""
+"""Fixtures shared across test files: one torch thread for the run, the random tiny model folder, the
+shipped model and engine, a small corpus, the app served in this process, and a headless chromium for
+the `browser` tests (which fail under CI when chromium is missing, and skip elsewhere). Plain helpers
+are in tests/helpers.py (and hf_oracle.py, live_server.py); no test module imports another."""
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# gradio reads its upload folder when imported: set before any test module imports it
+os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="longlens-gradio-"))
 
 import pytest
 import torch
 
+from helpers import ASSETS, SHIPPED, launch_app, write_corpus
 from hf_oracle import CSA, HCA, SL, random_hf_model, tiny_config
 
-REPO = Path(__file__).resolve().parent.parent
-ASSETS = REPO / "assets"
-SHIPPED = ASSETS / "model"
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+CHROMIUM = Path("/usr/bin/chromium")
 
 
 def make_tiny_model_dir(base: Path) -> Path:
@@ -33,19 +37,27 @@ def make_tiny_model_dir(base: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Every model in the suite is tiny: torch's thread hand-offs cost more than their math (two files of
+    tiny-model tests took 8 s on one thread, 56 s on two, on the busy 2-core machine). Set for the whole
+    run, so a file's time does not depend on which files ran before it; a test that wants more threads
+    sets them itself and puts them back."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny models: thread hand-offs cost more than their math (10x more on a busy shared machine).
-    Modules that want it for every test declare `pytestmark = pytest.mark.usefixtures("one_thread")`."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def corpus_paths(tmp_path_factory) -> list[Path]:
+    """helpers.write_corpus's three files (the needle at b.txt:17), written once per test module."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +79,46 @@ def shipped_engine(shipped_model, shipped_tokenizer):
     from runtime import Engine
 
     return Engine(shipped_model, shipped_tokenizer, model_dir=SHIPPED)
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model_dir, tmp_path_factory, request):
+    """The app on the random tiny model, served in this process for one test module: (demo, url).
+    A module sets its own settings (helpers.launch_app's keywords) with `APP_SETTINGS = {...}`."""
+    settings = getattr(request.module, "APP_SETTINGS", {})
+    demo, url = launch_app(tiny_model_dir, tmp_path_factory.mktemp("snapshots"), **settings)
+    yield demo, url
+    demo.close()
+
+
+# ------------------------------------------------------------------------------------ browser tests
+def chromium_missing() -> str:
+    """Why the browser tests cannot run here ("" when they can)."""
+    if not CHROMIUM.exists():
+        return f"needs Debian chromium at {CHROMIUM}: apt-get install -y chromium"
+    return ""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """A `browser` test without chromium: a failure under CI (CI=true; scripts/test.sh installs chromium,
+    so a missing one is a broken setup, not a reason to skip), a skip on a developer's machine."""
+    if item.get_closest_marker("browser") is None:
+        return
+    why = chromium_missing()
+    if why and os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"CI={os.environ['CI']}: the browser tests must run, but {why}", pytrace=False)
+    if why:
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless chromium through Playwright (Debian's binary: never `playwright install`)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        yield b
+        b.close()

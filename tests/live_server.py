@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +44,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}/"
         self.snapshot_dir = Path(snapshot_dir)
         self.log: list[str] = []
+        self._started = threading.Event()  # set by the reader: "Local URL" printed, or the output closed
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False",
                     "HF_HUB_OFFLINE": "1", "GRADIO_HEARTBEAT_INTERVAL": "0.5", **(env or {})}
         if temp_dir is not None:
@@ -55,16 +55,17 @@ class Server:
             cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        deadline = time.time() + timeout
-        while not any(line.startswith("Local URL") for line in self.log):
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.stop()
-                raise RuntimeError("the server did not start:\n" + "".join(self.log[-40:]))
-            time.sleep(0.1)
+        self._started.wait(timeout)
+        if not any(line.startswith("Local URL") for line in self.log):
+            self.stop()
+            raise RuntimeError("the server did not start:\n" + "".join(self.log[-40:]))
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             self.log.append(line)
+            if line.startswith("Local URL"):
+                self._started.set()
+        self._started.set()  # the process ended (or closed its output): nothing more will come
 
     @property
     def pid(self) -> int:

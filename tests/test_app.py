@@ -7,103 +7,10 @@ A random tiny model answers garbage, so these tests check plumbing and the prove
 with the trained model runs only when assets/model exists.
 """
 
-import os
-import socket
-import tempfile
-import time
-from pathlib import Path
-
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="longlens-gradio-"))
-
 import httpx
 import pytest
-import torch
 
-from test_engine import NEEDLE, tiny_model_dir
-
-REPO = Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "assets" / "model"
-QUESTION = "What is the secret launch code?"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: thread hand-offs cost more than their math on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_app(model_dir, snapshot_dir, **over):
-    """Build and launch the app as launch.py does; returns (demo, url)."""
-    from app import Settings, build_demo
-
-    settings = Settings(model_dir=model_dir, snapshot_dir=snapshot_dir, **{
-        "max_file_bytes": 64 << 10, "max_sessions": 2, "chunk_size": 256, **over})
-    demo, launch_kwargs = build_demo(settings)
-    demo.queue(default_concurrency_limit=settings.concurrency, max_size=64)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                            max_file_size=settings.max_file_bytes, **launch_kwargs)
-    return demo, url
-
-
-def write_files(folder: Path, specs: dict[str, str]) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for name, text in specs.items():
-        (folder / name).write_text(text)
-        out.append(folder / name)
-    return out
-
-
-def lines(word: str, n: int = 24, needle_at: int | None = None) -> str:
-    rows = [f"{word} note {i}: nothing to see here" for i in range(1, n + 1)]
-    if needle_at:
-        rows[needle_at - 1] = NEEDLE
-    return "\n".join(rows) + "\n"
-
-
-def text_of(message) -> str:
-    """A gradio 6 chat message's text (content is a list of parts)."""
-    c = message["content"]
-    return c if isinstance(c, str) else "".join(p.get("text", "") for p in c if isinstance(p, dict))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def app(model_dir, tmp_path_factory):
-    demo, url = launch_app(model_dir, tmp_path_factory.mktemp("snapshots"))
-    yield demo, url
-    demo.close()
-
-
-def client(url):
-    from gradio_client import Client
-
-    return Client(url, verbose=False)
-
-
-def load(c, paths):
-    from gradio_client import handle_file
-
-    return c.predict([handle_file(str(p)) for p in paths], api_name="/load_files")
-
-
-def ask(c, question=QUESTION, max_new_tokens=6):
-    return c.predict(question, max_new_tokens, 0.0, -1, api_name="/ask")
+from helpers import NEEDLE, QUESTION, SHIPPED, ask, client, launch_app, lines, load, text_of, wait_until, write_files
 
 
 # ------------------------------------------------------------------------------------ the main path
@@ -258,9 +165,7 @@ def test_stop_retry_clear(app, tmp_path):
     c = client(url)
     load(c, write_files(tmp_path, {"e.txt": lines("ember")}))
     job = c.submit(QUESTION, 512, 0.0, -1, api_name="/ask")
-    deadline = time.time() + 60
-    while not job.outputs() and time.time() < deadline:  # first streamed piece
-        time.sleep(0.05)
+    wait_until(job.outputs, timeout=60)  # the first streamed piece
     c.predict(api_name="/stop")
     chat, _, _ = job.result(timeout=60)
     assert "stopped" in text_of(chat[-1])

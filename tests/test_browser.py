@@ -9,58 +9,41 @@ Uses the shipped model when assets/model exists (a readable screenshot), else a 
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 
-from test_app import SHIPPED, client, launch_app, tiny_model_dir
+from helpers import ASSETS, REPO, SHIPPED, client, launch_app, wait_until
 
-CHROMIUM = Path("/usr/bin/chromium")
-REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "artifacts"
-EXAMPLES = REPO / "assets" / "examples"
+EXAMPLES = ASSETS / "examples"
 QUESTION = "What is the access code for the misty lighthouse?"
 
-pytestmark = [pytest.mark.browser,
-              pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian chromium: apt-get install -y chromium")]
+pytestmark = pytest.mark.browser  # chromium missing: a failure under CI, a skip elsewhere (conftest.py)
 
 # Chatbot messages in gradio 6: the last bot bubble's text
 LAST_BOT = "() => { const m = document.querySelectorAll('#ll-chat .bot'); return m.length ? m[m.length - 1].innerText : ''; }"
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    import torch
-
-    torch.set_num_threads(1)
-    model = SHIPPED if (SHIPPED / "config.json").is_file() else tiny_model_dir(tmp_path_factory)
+def app(request, tmp_path_factory):
+    """The app served in this process, on the shipped model (the random tiny one without it)."""
+    model = SHIPPED if (SHIPPED / "config.json").is_file() else request.getfixturevalue("tiny_model_dir")
     demo, url = launch_app(model, tmp_path_factory.mktemp("snapshots"))
     yield demo, url
     demo.close()
 
 
 @pytest.fixture(scope="module")
-def busy_app(app, tmp_path_factory):
+def busy_app(app, request, tmp_path_factory):
     """An app whose model keeps answering for a while: the random tiny one never says EOS early
     to the greedy prompt below (a trained model might), so its job holds the queue."""
     if app[0].longlens.settings.model_dir != SHIPPED:
         yield app
         return
-    demo, url = launch_app(tiny_model_dir(tmp_path_factory), tmp_path_factory.mktemp("snapshots-busy"))
+    demo, url = launch_app(request.getfixturevalue("tiny_model_dir"), tmp_path_factory.mktemp("snapshots-busy"))
     yield demo, url
     demo.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                              args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        yield b
-        b.close()
 
 
 def drop_files(page, selector: str, paths: list[Path]) -> None:
@@ -154,9 +137,7 @@ def test_drop_ask_inspect(app, browser):
     registry = demo.longlens.registry
     assert len(registry) == 1
     page.close()
-    deadline = time.time() + 20
-    while len(registry) and time.time() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: len(registry) == 0, timeout=20, interval=0.2)
     assert len(registry) == 0
 
 
@@ -168,9 +149,7 @@ def test_queue_position_is_shown(busy_app, browser):
     page.goto(url)
     page.wait_for_selector("#ll-sample", timeout=30_000)
     job = other.submit("Tell me everything.", 512, 0.0, -1, api_name="/ask")
-    deadline = time.time() + 30
-    while not job.outputs() and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until(job.outputs, timeout=30)  # its first piece: the job holds the model slot
     try:
         page.click("#ll-sample")
         page.wait_for_function("() => /queue:?\\s*\\d+\\s*\\/\\s*\\d+/i.test(document.body.innerText)", timeout=15_000)

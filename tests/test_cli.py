@@ -11,17 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from test_engine import one_thread, tiny_model_dir, write_corpus  # noqa: F401 (autouse fixture)
+from helpers import write_corpus
 
 from runtime.__main__ import main
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE_KEYS = {"file", "line_start", "line_end", "weight", "layers", "snippet"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +43,9 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def test_ask_json_schema_subprocess(model_dir, work):
+def test_ask_json_schema_subprocess(tiny_model_dir, work):
     argv = [sys.executable, "-m", "runtime", "ask", "--corpus", "docs/a.txt", "docs", "bundle.zip",
-            "--question", "What is the secret launch code?", "--model", str(model_dir), "--max-new-tokens", "3",
+            "--question", "What is the secret launch code?", "--model", str(tiny_model_dir), "--max-new-tokens", "3",
             "--chunk-size", "512", "--json"]
     p = subprocess.run(argv, cwd=work, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -73,8 +68,8 @@ def test_ask_json_schema_subprocess(model_dir, work):
     assert isinstance(out["dense_cache_bytes"], int) and out["dense_cache_bytes"] > out["cache_bytes"]["total"]
 
 
-def test_ask_reuses_a_snapshot_and_prints_text(capsys, model_dir, work, tmp_path):
-    common = ["ask", "--corpus", work / "docs", "--question", "Where?", "--model", model_dir,
+def test_ask_reuses_a_snapshot_and_prints_text(capsys, tiny_model_dir, work, tmp_path):
+    common = ["ask", "--corpus", work / "docs", "--question", "Where?", "--model", tiny_model_dir,
               "--max-new-tokens", "2", "--snapshot-dir", tmp_path]
     code, out, _ = run_cli(capsys, *common, "--json")
     assert code == 0 and json.loads(out)["timings"]["corpus_source"] == "prefill"
@@ -87,7 +82,7 @@ def test_ask_reuses_a_snapshot_and_prints_text(capsys, model_dir, work, tmp_path
 
 @pytest.mark.parametrize("case", ["no such file", "binary only", "malformed archive", "too large", "bad arguments",
                                   "no model"])
-def test_bad_input_exits_2_with_json_error(capsys, model_dir, work, case):
+def test_bad_input_exits_2_with_json_error(capsys, tiny_model_dir, work, case):
     corpus, extra = {
         "no such file": ([work / "missing.txt"], []),
         "binary only": ([work / "blob.bin"], []),
@@ -96,7 +91,7 @@ def test_bad_input_exits_2_with_json_error(capsys, model_dir, work, case):
         "bad arguments": ([work / "docs"], ["--max-new-tokens", "zero"]),
         "no model": ([work / "docs"], []),
     }[case]
-    model = work / "no-model-here" if case == "no model" else model_dir
+    model = work / "no-model-here" if case == "no model" else tiny_model_dir
     argv = ["ask", "--corpus", *corpus, "--question", "q?", "--model", model, *extra]
     code, out, err = run_cli(capsys, *argv, "--json")
     assert code == 2 and "Traceback" not in out + err
@@ -117,8 +112,8 @@ def test_bad_input_real_exit_status():
     assert json.loads(p.stdout) == {"error": "/nonexistent/x.txt: no such file or directory", "code": "corpus"}
 
 
-def test_snapshot_commands(capsys, model_dir, work, tmp_path):
-    base = ["--model", model_dir, "--snapshot-dir", tmp_path, "--json"]
+def test_snapshot_commands(capsys, tiny_model_dir, work, tmp_path):
+    base = ["--model", tiny_model_dir, "--snapshot-dir", tmp_path, "--json"]
     code, out, _ = run_cli(capsys, "snapshot", "save", "--corpus", work / "docs", *base)
     saved = json.loads(out)
     assert code == 0 and not saved["reused"] and Path(saved["snapshot"]).parent == tmp_path

@@ -8,67 +8,15 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import pypdf
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
+
+from helpers import HELLO_PDF, encrypt_pdf, make_pdf, tar_bytes, zip_bytes
 
 from runtime import corpus as C
 from runtime.corpus import CorpusError, Layout, Limits, ingest
 
 SMALL = Limits(max_file_bytes=1 << 20, max_total_bytes=2 << 20, max_files=50)
-
-
-def make_pdf(content: bytes | None) -> bytes:
-    """A minimal one-page PDF; `content` is the page's content stream (None: no text layer)."""
-    page = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 4 0 R >> >>"
-    objs = [b"<< /Type /Catalog /Pages 2 0 R >>", b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-            page + (b" /Contents 5 0 R >>" if content is not None else b" >>"),
-            b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
-    if content is not None:
-        objs.append(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(content), content))
-    out, offsets = bytearray(b"%PDF-1.4\n"), []
-    for i, obj in enumerate(objs, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (i, obj)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
-    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
-    return bytes(out)
-
-
-HELLO_PDF = make_pdf(b"BT /F1 12 Tf 72 720 Td (Hello PDF world) Tj 0 -16 Td (Second line) Tj ET")
-
-
-def encrypt_pdf(data: bytes, user: str) -> bytes:
-    writer = pypdf.PdfWriter(clone_from=pypdf.PdfReader(io.BytesIO(data)))
-    writer.encrypt(user_password=user, owner_password="owner", algorithm="RC4-128")
-    buf = io.BytesIO()
-    writer.write(buf)
-    return buf.getvalue()
-
-
-def zip_bytes(entries: dict) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
-def tar_bytes(entries: list, mode: str = "w:gz") -> bytes:
-    """entries: (name, bytes) for files or (name, TarInfo type, linkname) for special members."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode=mode) as tf:
-        for name, *rest in entries:
-            info = tarfile.TarInfo(name)
-            if len(rest) == 1:
-                info.size = len(rest[0])
-                tf.addfile(info, io.BytesIO(rest[0]))
-            else:
-                info.type, info.linkname = rest
-                tf.addfile(info)
-    return buf.getvalue()
 
 
 def write(folder: Path, name: str, data: bytes) -> str:

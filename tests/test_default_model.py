@@ -3,31 +3,27 @@
 well-formed cells."""
 
 import json
-import math
 import random
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import runtime
 from runtime import evaluate as ev
-from runtime.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "assets" / "model"
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.set_num_threads(1)
-    return runtime.load_model(MODEL)
+def model(shipped_model):  # loaded once per run (conftest.py)
+    return shipped_model
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.from_file(MODEL / "tokenizer.json")
+def tok(shipped_tokenizer):
+    return shipped_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +53,10 @@ def _needle_case(model, tok, pool):
     content = text + "\n\n" + T.niah_question("access code", "misty lighthouse")
     ids = tok.render_chat([{"role": "user", "content": content}])
     assert 1800 < len(ids) < 2300
-    with torch.no_grad():
-        cache = model.new_cache()
-        ev._prefill(model, ids[:-200], cache, chunk=700)  # chunked prefill of the haystack
-        cap = runtime.Capture()
-        out = ev._answer(model, tok, ids[-200:], cache, 16, cap)
+    cache = model.new_cache()
+    runtime.prefill(model, ids[:-200], cache, chunk_size=700)  # chunked prefill of the haystack
+    cap = runtime.Capture()
+    out = ev.answer_ids(model, tok, ids[-200:], cache, 16, cap)
     _, offsets = tok.encode_with_offsets(content)
     vt = T.char_span_to_tokens(offsets, (spans[0][0] + voff, spans[0][0] + voff + len(value)), 2)
     recall, ranks = ev._selection(model, cap, len(ids) - 1, vt)

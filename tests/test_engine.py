@@ -2,7 +2,6 @@
 (no corpus prefill on the second question), streaming and stop, limits refused up front, provenance
 mapping of attended entries back to file and line."""
 
-import shutil
 import threading
 from pathlib import Path
 
@@ -10,67 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from hf_oracle import CSA, HCA, SL, random_hf_model, tiny_config
+from helpers import NEEDLE, drain, write_corpus
+from hf_oracle import CSA, HCA, SL
 
 from runtime import Capture
 from runtime.corpus import Layout, ingest
 from runtime.engine import Cancelled, ContextTooLarge, Engine, EngineError, GenerationParams, Piece, sample_next
 from runtime.provenance import compute_provenance
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-NEEDLE = "the secret launch code is 7421"
-
-
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A random tiny DeepSeek-V4 with the shipped 8192-token tokenizer, built once per test run."""
-    folder = tmp_path_factory.getbasetemp() / "longlens-tiny-model"
-    if not (folder / "tokenizer.json").exists():
-        # index_topk above the entry count: chunked and one-shot prefill cannot differ by top-k near-ties
-        cfg = tiny_config(vocab_size=8192, layer_types=[SL, CSA, HCA, CSA], index_topk=512,
-                          max_position_embeddings=4096)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        random_hf_model(cfg, seed=3).save_pretrained(tmp)
-        shutil.copy(ASSETS / "tokenizer.json", tmp / "tokenizer.json")
-        tmp.rename(folder)
-    return folder
-
-
-def write_corpus(folder: Path, lines: int = 24, needle_at: tuple[str, int] | None = ("b.txt", 17)) -> list[Path]:
-    """Three small text files; the needle replaces line `needle_at[1]` of file `needle_at[0]`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, word in (("a.txt", "apple"), ("b.txt", "river"), ("c.md", "stone")):
-        text = [f"{word} note {i}: nothing to see here" for i in range(1, lines + 1)]
-        if needle_at and needle_at[0] == name:
-            text[needle_at[1] - 1] = NEEDLE
-        (folder / name).write_text("\n".join(text) + "\n")
-        paths.append(folder / name)
-    return paths
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: thread hand-offs cost more than their math (10x more on a busy shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    return Engine.from_dir(model_dir, chunk_size=128)
-
-
-@pytest.fixture(scope="module")
-def corpus_paths(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
+def engine(tiny_model_dir):
+    return Engine.from_dir(tiny_model_dir, chunk_size=128)
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +30,6 @@ def loaded(engine, corpus_paths):
     session = engine.new_session()
     report = session.load_corpus(corpus_paths, progress=reports.append)
     return session, report, reports
-
-
-def drain(gen):
-    pieces, answer = [], None
-    for ev in gen:
-        if isinstance(ev, Piece):
-            pieces.append(ev)
-        else:
-            answer = ev
-    return pieces, answer
 
 
 def test_chunked_prefill_equals_one_forward(engine, loaded):
@@ -243,7 +183,7 @@ def test_seeded_sampling_is_reproducible(engine, loaded):
     assert runs[0] == runs[1]
 
 
-def test_too_large_corpus_refused_before_prefill(model_dir, corpus_paths, engine):
+def test_too_large_corpus_refused_before_prefill(corpus_paths, engine):
     n = len(engine.preamble) + len(Layout.build(ingest(corpus_paths), engine.tokenizer.encode_with_offsets).ids)
     small = Engine(engine.model, engine.tokenizer, max_context_tokens=400, chat_reserve_tokens=64)
     session = small.new_session()

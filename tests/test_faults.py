@@ -8,44 +8,17 @@ as a real `python launch.py` process where it is killed.
 """
 
 import os
-import tempfile
-import time
-from pathlib import Path
-
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="longlens-gradio-"))
-
 import tarfile
+from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
+from helpers import (HELLO_PDF, QUESTION, ask, call_raw, client, encrypt_pdf, launch_app, lines, load, make_pdf,
+                     tar_bytes, text_of, wait_until, write_files, zip_bytes)
 from live_server import Server, long_context_model
-from test_app import QUESTION, ask, client, launch_app, lines, load, text_of, write_files
-from test_corpus import HELLO_PDF, encrypt_pdf, make_pdf, tar_bytes, zip_bytes
-from test_engine import tiny_model_dir
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def app(model_dir, tmp_path_factory):
-    demo, url = launch_app(model_dir, tmp_path_factory.mktemp("snapshots"), max_sessions=4)
-    yield demo, url
-    demo.close()
+APP_SETTINGS = {"max_sessions": 4}  # conftest's `app`
 
 
 def words_line(n_words: int, seed: int = 0) -> str:
@@ -128,28 +101,6 @@ def test_a_file_that_vanished_is_named(app, tmp_path):
     assert len(chat) == 2 and "kept.txt" in chips
 
 
-def call_raw(url: str, api_name: str, data: list, session_hash: str, cookies=None) -> list:
-    """One call through gradio's plain HTTP API (POST, then read the event stream): its final outputs."""
-    import json
-
-    r = httpx.post(f"{url}gradio_api/call/{api_name}", json={"data": data, "session_hash": session_hash},
-                   cookies=cookies, timeout=30)
-    r.raise_for_status()
-    event, last = r.json()["event_id"], None
-    with httpx.stream("GET", f"{url}gradio_api/call/{api_name}/{event}", cookies=cookies, timeout=60) as s:
-        kind = None
-        for line in s.iter_lines():
-            if line.startswith("event:"):
-                kind = line.split(":", 1)[1].strip()
-            elif line.startswith("data:") and kind in ("complete", "generating"):
-                last = json.loads(line[5:])
-            if kind in ("complete", "error") and line.startswith("data:"):
-                if kind == "error":
-                    raise RuntimeError(f"error event: {line}")
-                break
-    return last
-
-
 def _broken_models(tiny: Path, root: Path) -> dict[str, tuple[Path, list[str]]]:
     """name -> (model folder, fragments the error must hold)."""
     import json
@@ -188,11 +139,11 @@ def _broken_models(tiny: Path, root: Path) -> dict[str, tuple[Path, list[str]]]:
     }
 
 
-def test_broken_checkpoints_are_named_and_the_page_stays_up(model_dir, tmp_path):
+def test_broken_checkpoints_are_named_and_the_page_stays_up(tiny_model_dir, tmp_path):
     from app import Settings, build_demo
     from runtime import Engine
 
-    cases = _broken_models(model_dir, tmp_path / "models")
+    cases = _broken_models(tiny_model_dir, tmp_path / "models")
     for case, (folder, fragments) in cases.items():
         with pytest.raises(ValueError) as e:  # EngineError, CheckpointError, ConfigError: all ValueErrors
             Engine.from_dir(folder)
@@ -292,8 +243,8 @@ def big_corpus(folder: Path, word: str, n_lines: int = 450) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def long_model(model_dir, tmp_path_factory):
-    return long_context_model(model_dir, tmp_path_factory.getbasetemp() / "longlens-tiny-32k")
+def long_model(tiny_model_dir, tmp_path_factory):
+    return long_context_model(tiny_model_dir, tmp_path_factory.getbasetemp() / "longlens-tiny-32k")
 
 
 def _restart_and_reload(long_model, snaps, killed: Server, corpus, tmp_path):
@@ -325,10 +276,16 @@ def test_kill_during_prefill_then_restart(long_model, tmp_path):
     try:
         c = Client(s1.url, verbose=False)
         job = c.submit([handle_file(str(p)) for p in corpus], api_name="/load_files")
-        deadline, seen = time.time() + 120, None
-        while seen is None and time.time() < deadline and not job.done():
+        seen = None
+
+        def progress_streamed() -> bool:  # (or the job over: then nothing was seen mid-prefill)
+            nonlocal seen
+            if job.done():
+                return True
             seen = next((o[0] for o in job.outputs() if o and "ll-bar" in str(o[0])), None)
-            time.sleep(0.02)
+            return seen is not None
+
+        wait_until(progress_streamed, timeout=120, interval=0.02)
         assert seen is not None, "no prefill progress was streamed"
         s1.kill()  # mid-prefill: the first chunk reported, more to come
         assert "Prefilling" in seen and "/ " in seen
@@ -354,22 +311,25 @@ def test_kill_during_snapshot_write_then_restart(long_model, tmp_path):
     try:
         c = Client(s1.url, verbose=False)
         corpora = s1.private_dir / "corpora"
+
+        def mid_write(job) -> bool:  # a snapshot folder with its cache written and the rest to come (or the job over)
+            nonlocal partial
+            if job.done():
+                return True
+            try:
+                tmp = [p for p in corpora.iterdir() if p.name.startswith(".tmp-")
+                       and (p / "cache.safetensors").exists()]
+            except FileNotFoundError:
+                tmp = []
+            partial = tmp[0] if tmp else None
+            return partial is not None
+
         for attempt in range(3):  # a write is short: try again with another corpus if the kill came too late
             corpus = big_corpus(tmp_path / f"corpus{attempt}", f"orchard{attempt}")
             job = c.submit([handle_file(str(p)) for p in corpus], api_name="/load_files")
-            deadline = time.time() + 120
-            while time.time() < deadline and not job.done():
-                try:
-                    tmp = [p for p in corpora.iterdir() if p.name.startswith(".tmp-")
-                           and (p / "cache.safetensors").exists()]  # the cache written, the rest to come
-                except FileNotFoundError:
-                    tmp = []
-                if tmp:
-                    s1.kill()
-                    partial = tmp[0]
-                    break
-                time.sleep(0.0005)
+            wait_until(lambda job=job: mid_write(job), timeout=120, interval=0.0005)  # every 0.5 ms: into the write
             if partial is not None:
+                s1.kill()
                 break
             job.result(timeout=60)
     finally:

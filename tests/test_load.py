@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import launch_app, text_of, wait_until, write_files
 from live_server import REPO, Server
-from test_app import text_of, write_files
-from test_engine import tiny_model_dir
 
 CLIENTS = 8
 QUESTIONS = 4
@@ -31,11 +30,6 @@ BUDGET_S = 90  # the whole wave: uploads, prefills, answers
 RESULT = REPO / "bench" / "results" / "load.json"  # only with LONGLENS_REFRESH=1 (scripts/refresh_results.sh)
 ASKED = ["What does the log say about {w}?", "Which line mentions the {w} gauge?", "Summarise the {w} notes.",
          "Where is {w} configured?", "What is the {w} threshold?", "Who wrote the {w} entry?"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
 
 
 def corpus_for(folder: Path, i: int) -> list[Path]:
@@ -70,14 +64,17 @@ def run(job, tally: Tally, what: str, deadline: float):
     from gradio_client.utils import Status
 
     t0, rank = time.time(), None
+
+    def done() -> bool:  # noting the queue position on the way
+        nonlocal rank
+        st = job.status()
+        if st.code == Status.IN_QUEUE and st.rank is not None:
+            rank = max(rank or 0, st.rank)
+        return job.done()
+
     try:
-        while not job.done():
-            st = job.status()
-            if st.code == Status.IN_QUEUE and st.rank is not None:
-                rank = max(rank or 0, st.rank)
-            if time.time() > deadline:
-                raise TimeoutError(f"{what}: not done within the budget")
-            time.sleep(0.05)
+        if not wait_until(done, timeout=max(0.0, deadline - time.time())):
+            raise TimeoutError(f"{what}: not done within the budget")
         out = job.result(timeout=5)
     except Exception as e:  # noqa: BLE001 -- every failure is counted and reported
         tally.fail(f"{what}: {type(e).__name__}: {e}")
@@ -148,16 +145,15 @@ def session_folders(s: Server) -> list[str]:
 
 def wait_released(s: Server, timeout: float = 30) -> float:
     t0 = time.time()
-    while session_folders(s):
-        assert time.time() - t0 < timeout, f"sessions not released: {session_folders(s)}"
-        time.sleep(0.2)
+    assert wait_until(lambda: not session_folders(s), timeout, interval=0.2), \
+        f"sessions not released: {session_folders(s)}"
     return time.time() - t0
 
 
 def settled_rss(s: Server, seconds: float = 2.0) -> int:
     """The server's RSS once it stops moving (the lowest of a few samples over `seconds`)."""
     samples = []
-    for _ in range(int(seconds / 0.25)):
+    for _ in range(int(seconds / 0.25)):  # sampling over time is the point: no event says "settled"
         samples.append(s.rss())
         time.sleep(0.25)
     return min(samples)
@@ -195,9 +191,9 @@ print(base, inside, after, rss())
 
 
 @pytest.mark.slow
-def test_eight_concurrent_sessions(model_dir, tmp_path):
+def test_eight_concurrent_sessions(tiny_model_dir, tmp_path):
     MiB = 1 << 20
-    with Server(model_dir, tmp_path / "snaps", "--max-sessions", "4", "--max-file-size", "256kb",
+    with Server(tiny_model_dir, tmp_path / "snaps", "--max-sessions", "4", "--max-file-size", "256kb",
                 temp_dir=tmp_path / "gradio") as s:
         fresh = settled_rss(s)
         # a first wave warms the process up (lazy imports, thread pools, first allocations at this concurrency),
@@ -210,10 +206,11 @@ def test_eight_concurrent_sessions(model_dir, tmp_path):
 
         tally, peak, done = Tally(), [baseline], threading.Event()
 
-        def sample():
-            while not done.is_set():
+        def sample():  # every 50 ms until the wave is over
+            while True:
                 peak[0] = max(peak[0], s.rss())
-                time.sleep(0.05)
+                if done.wait(0.05):
+                    return
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -281,7 +278,7 @@ def test_eight_concurrent_sessions(model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_sessions_leave_nothing_behind(model_dir, tmp_path):
+def test_sessions_leave_nothing_behind(tiny_model_dir, tmp_path):
     """In this process, to look inside: after 8 concurrent clients leave, none of their sessions, caches,
     layouts or answers survives, their files are gone, and gradio keeps a bounded record of past sessions."""
     import gc
@@ -291,7 +288,6 @@ def test_sessions_leave_nothing_behind(model_dir, tmp_path):
     from runtime.corpus import Layout
     from runtime.engine import Session
     from runtime.provenance import Provenance
-    from test_app import launch_app
 
     os.environ["GRADIO_HEARTBEAT_INTERVAL"] = "0.5"  # read per heartbeat connection: quick unloads
     kinds = (Session, Cache, Workspace, TurnView, Layout, Provenance)
@@ -302,26 +298,21 @@ def test_sessions_leave_nothing_behind(model_dir, tmp_path):
         return {t.__name__: sum(isinstance(o, t) for o in objs) for t in kinds}
 
     before = alive()
-    demo, url = launch_app(model_dir, tmp_path / "snaps", max_sessions=4, max_file_bytes=256 << 10)
+    demo, url = launch_app(tiny_model_dir, tmp_path / "snaps", max_sessions=4, max_file_bytes=256 << 10)
     try:
         registry, files = demo.longlens.registry, demo.longlens.files
         tally = Tally()
         wave(url, tmp_path / "wave", tally, time.time() + BUDGET_S)
         assert tally.errors == 0 and tally.completed == CLIENTS * (1 + QUESTIONS), tally.problems
-        deadline = time.time() + 30
-        while len(registry) and time.time() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: len(registry) == 0, timeout=30, interval=0.1)
         assert len(registry) == 0, "sessions not released after their clients left"
-        deadline = time.time() + 15  # a handler may still be finishing its last message
-        while alive() != before and time.time() < deadline:
-            time.sleep(0.5)
+        wait_until(lambda: alive() == before, timeout=15, interval=0.5)  # a handler may be finishing its last message
         assert alive() == before, "session state survived its session"
         assert not any((files.root / "uploads").iterdir()) and not any(files.corpora.iterdir())
         assert {p.name for p in files.root.iterdir()} <= {"uploads", "corpora"}  # no spilled session either
         assert demo.state_session_capacity == 64  # gradio's record of past sessions is bounded...
-        deadline = time.time() + 10  # ...and a closed page's record is dropped (app/ui.py drop_page_state)
-        while len(demo.state_holder.session_data) and time.time() < deadline:
-            time.sleep(0.2)
+        # ...and a closed page's record is dropped (app/ui.py drop_page_state)
+        wait_until(lambda: len(demo.state_holder.session_data) == 0, timeout=10, interval=0.2)
         assert len(demo.state_holder.session_data) == 0, list(demo.state_holder.session_data)
     finally:
         demo.close()

@@ -4,54 +4,18 @@ is ever served or ingested; a session's files go when it ends; a restarted serve
 users' corpora; the limits are on the page and enforced.
 """
 
-import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="longlens-gradio-"))
-
 import httpx
 import pytest
-import torch
 
+from helpers import REPO, ask, call_raw, client, launch_app, lines, load, wait_until, write_files
 from live_server import Server
-from test_app import ask, client, launch_app, lines, load, write_files
-from test_engine import tiny_model_dir
-from test_faults import call_raw
 
-REPO = Path(__file__).resolve().parent.parent
 PASSWD = "root:x:0:0"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def app(model_dir, tmp_path_factory):
-    demo, url = launch_app(model_dir, tmp_path_factory.mktemp("snapshots"), max_sessions=4)
-    yield demo, url
-    demo.close()
-
-
-def wait_for(condition, timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
+APP_SETTINGS = {"max_sessions": 4}  # conftest's `app`
 
 
 def refused(r: httpx.Response) -> bool:
@@ -60,13 +24,13 @@ def refused(r: httpx.Response) -> bool:
 
 # ------------------------------------------------------------------------------------ --auth
 @pytest.mark.slow
-def test_auth_guards_the_page_and_the_api(model_dir, tmp_path):
+def test_auth_guards_the_page_and_the_api(tiny_model_dir, tmp_path):
     """`python launch.py --auth USER:PASS`: without credentials nothing is served but the login page, the API
     refuses every call, and a stranger cannot end a logged-in user's session through gradio's heartbeat route
     (the one route gradio leaves without a login check)."""
     from gradio_client import Client
 
-    with Server(model_dir, tmp_path / "snaps", "--auth", "ann:secret-pw", temp_dir=tmp_path / "gradio") as s:
+    with Server(tiny_model_dir, tmp_path / "snaps", "--auth", "ann:secret-pw", temp_dir=tmp_path / "gradio") as s:
         url = s.url
         with pytest.raises(Exception, match="credentials were not provided"):
             Client(url, verbose=False)
@@ -92,13 +56,15 @@ def test_auth_guards_the_page_and_the_api(model_dir, tmp_path):
         with httpx.stream("GET", f"{url}gradio_api/heartbeat/{c.session_hash}", timeout=10) as r:
             assert r.status_code == 200  # gradio accepts it without a login...
             next(r.iter_lines())
-        time.sleep(2.5)  # ...and its disconnect fires the unload event for that session: ignored
+        # ...and its disconnect fires the unload event for that session, which must be ignored: an absence,
+        # with no event to wait on, so give it the time it takes to arrive (a heartbeat is 0.5 s here)
+        time.sleep(2.5)
         chat, chips, _ = ask(c)
         assert len(chat) == 4 and "mine.txt" in chips  # the session, corpus and chat survived
         uploads = s.private_dir / "uploads"
         assert any(uploads.iterdir())
         c.close()  # the real user leaving (with its cookie) does end it: the files go
-        wait_for(lambda: not any(uploads.iterdir()), what="the session's uploads to be removed")
+        assert wait_until(lambda: not any(uploads.iterdir()), 20), "the session's uploads were not removed"
 
 
 # ------------------------------------------------------------------------------------ uploads
@@ -150,12 +116,12 @@ def test_a_fresh_upload_url_cannot_be_guessed(app):
     assert refused(httpx.get(f"{url}gradio_api/file={guess}"))
 
 
-def test_no_path_outside_is_served_or_ingested(app, model_dir):
+def test_no_path_outside_is_served_or_ingested(app, tiny_model_dir):
     demo, url = app
     temp = os.environ["GRADIO_TEMP_DIR"]
     targets = ["/etc/passwd", f"{temp}/../../etc/passwd", f"{temp}/%2e%2e/%2e%2e/etc/passwd",
                "..%2F..%2F..%2F..%2Fetc%2Fpasswd", "../../../../etc/passwd", str(REPO / "launch.py"),
-               str(model_dir / "config.json"), str(demo.longlens.settings.snapshot_dir), "file:///etc/passwd"]
+               str(tiny_model_dir / "config.json"), str(demo.longlens.settings.snapshot_dir), "file:///etc/passwd"]
     for t in targets:
         for route in ("gradio_api/file=", "gradio_api/file/", "file=", "static/../../../", "assets/../../"):
             r = httpx.get(f"{url}{route}{t}")
@@ -186,20 +152,20 @@ def test_a_session_s_files_go_when_it_ends(app, tmp_path, monkeypatch):
     assert files.uploads(a.session_hash).is_dir()
     assert "reused a snapshot" in load(b, paths)[0]  # the same files from B: the same snapshot, held twice
     a.close()
-    wait_for(lambda: a.session_hash not in registry._table and not files.uploads(a.session_hash).exists(),
-             what="A's session and uploads to be released")
-    time.sleep(0.5)
+    # A's release is over once its uploads are gone: SessionFiles.drop removes them after the snapshots it frees
+    assert wait_until(lambda: a.session_hash not in registry._table and not files.uploads(a.session_hash).exists(),
+                      20), "A's session and uploads were not released"
     assert snapshot.is_dir()  # B still holds it
     b.close()
-    wait_for(lambda: b.session_hash not in registry._table and not files.uploads(b.session_hash).exists(),
-             what="B's session and uploads to be released")
-    wait_for(lambda: not snapshot.exists(), what="the snapshot to go with the last session holding it")
+    assert wait_until(lambda: b.session_hash not in registry._table and not files.uploads(b.session_hash).exists(),
+                      20), "B's session and uploads were not released"
+    assert wait_until(lambda: not snapshot.exists(), 20), "the snapshot did not go with the last session holding it"
 
 
-def test_a_restarted_server_shows_nobody_the_previous_users_corpora(model_dir, tmp_path):
+def test_a_restarted_server_shows_nobody_the_previous_users_corpora(tiny_model_dir, tmp_path):
     """The snapshots sessions prefill are theirs: not in the library the next server lists to everyone."""
     snaps = tmp_path / "snaps"
-    demo, url = launch_app(model_dir, snaps)
+    demo, url = launch_app(tiny_model_dir, snaps)
     try:
         a = client(url)
         assert "Corpus ready" in load(a, write_files(tmp_path / "a", {"diary.txt": lines("diary")}))[0]
@@ -207,7 +173,7 @@ def test_a_restarted_server_shows_nobody_the_previous_users_corpora(model_dir, t
         assert "diary.txt" in label
     finally:
         demo.close()
-    demo, url = launch_app(model_dir, snaps)  # the next server on the same folder
+    demo, url = launch_app(tiny_model_dir, snaps)  # the next server on the same folder
     try:
         b = client(url)
         assert b.predict(api_name="/list_snapshots")["choices"] == []
@@ -217,7 +183,7 @@ def test_a_restarted_server_shows_nobody_the_previous_users_corpora(model_dir, t
         assert "examples/" in label
     finally:
         demo.close()
-    demo, url = launch_app(model_dir, snaps)
+    demo, url = launch_app(tiny_model_dir, snaps)
     try:  # a public corpus (the sample) is in the library for everyone from then on
         (label, _), = client(url).predict(api_name="/list_snapshots")["choices"]
         assert "examples/" in label and "diary" not in label
@@ -226,8 +192,8 @@ def test_a_restarted_server_shows_nobody_the_previous_users_corpora(model_dir, t
 
 
 # ------------------------------------------------------------------------------------ limits
-def test_limits_are_shown_and_enforced(model_dir, tmp_path):
-    demo, url = launch_app(model_dir, tmp_path / "snaps", max_file_bytes=64 << 10, max_files=3, max_context=2048,
+def test_limits_are_shown_and_enforced(tiny_model_dir, tmp_path):
+    demo, url = launch_app(tiny_model_dir, tmp_path / "snaps", max_file_bytes=64 << 10, max_files=3, max_context=2048,
                            max_sessions=3)
     try:
         config = httpx.get(f"{url}config").json()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_engine import drain, one_thread, tiny_model_dir, write_corpus  # noqa: F401 (autouse fixture)
+from helpers import drain, wait_until, write_corpus
 
 from runtime.engine import ContextTooLarge, Engine, GenerationParams
 from runtime.snapshot import SnapshotError, list_snapshots, load_snapshot
@@ -22,18 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def engine(model_dir):
-    return Engine.from_dir(model_dir, chunk_size=256)
-
-
-@pytest.fixture(scope="module")
-def corpus_paths(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
+def engine(tiny_model_dir):
+    return Engine.from_dir(tiny_model_dir, chunk_size=256)
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +79,9 @@ def test_mid_conversation_snapshot(engine, saved, tmp_path):
     session.reset_chat()
 
 
-def test_other_model_refused(model_dir, corpus_paths, saved):
+def test_other_model_refused(tiny_model_dir, corpus_paths, saved):
     d, _, report = saved
-    bf16 = Engine.from_dir(model_dir, dtype=torch.bfloat16, chunk_size=512)  # same files, other dtype: other model
+    bf16 = Engine.from_dir(tiny_model_dir, dtype=torch.bfloat16, chunk_size=512)  # same files, other dtype: other model
     with pytest.raises(SnapshotError, match="different model"):
         bf16.new_session().load_snapshot(report.snapshot)
     relabelled = Engine(bf16.model, bf16.tokenizer, model_fingerprint="f" * 64)
@@ -192,7 +182,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def test_sigkill_while_saving_never_loads_broken(model_dir, engine, corpus_paths, saved, tmp_path):
+def test_sigkill_while_saving_never_loads_broken(tiny_model_dir, engine, corpus_paths, saved, tmp_path):
     _, reference, _ = saved
     reference.reset_chat()
     helper = tmp_path / "helper.py"
@@ -204,12 +194,12 @@ def test_sigkill_while_saving_never_loads_broken(model_dir, engine, corpus_paths
         if round_ >= 2 and leftovers:
             break
         d = tmp_path / f"snaps{round_}"
-        proc = subprocess.Popen([sys.executable, str(helper), str(model_dir), str(d), *map(str, corpus_paths)],
+        proc = subprocess.Popen([sys.executable, str(helper), str(tiny_model_dir), str(d), *map(str, corpus_paths)],
                                 stdout=subprocess.PIPE, text=True, cwd=REPO, env=_env())
         try:
             while (line := proc.stdout.readline().strip()) != "3":  # a few complete saves, then kill mid-loop
                 assert line, "helper exited early"
-            time.sleep(delay)
+            time.sleep(delay)  # elapsed time is the point: each delay puts the kill elsewhere in the next saves
             proc.send_signal(signal.SIGKILL)
         finally:
             proc.kill()
@@ -226,23 +216,23 @@ def test_sigkill_while_saving_never_loads_broken(model_dir, engine, corpus_paths
     assert leftovers, "no kill landed inside a save (the loop should be writing nearly all the time)"
 
 
-def test_sigkill_of_the_cli_save(model_dir, engine, corpus_paths, saved, tmp_path):
+def test_sigkill_of_the_cli_save(tiny_model_dir, engine, corpus_paths, saved, tmp_path):
     """`python -m runtime snapshot save` killed once files appear in its temp folder: nothing but a whole snapshot loads."""
     d = tmp_path / "snaps"
     proc = subprocess.Popen([sys.executable, "-m", "runtime", "snapshot", "save", "--corpus", *map(str, corpus_paths),
-                             "--model", str(model_dir), "--snapshot-dir", str(d)],
+                             "--model", str(tiny_model_dir), "--snapshot-dir", str(d)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO, env=_env())
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                writing = d.is_dir() and any(p.name.startswith(".tmp-") and any(p.iterdir()) for p in d.iterdir())
-            except FileNotFoundError:  # renamed while we looked
-                writing = True
-            if writing:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.0005)
+
+    def writing():
+        try:
+            return d.is_dir() and any(p.name.startswith(".tmp-") and any(p.iterdir()) for p in d.iterdir())
+        except FileNotFoundError:  # renamed while we looked
+            return True
+
+    try:  # poll every 0.5 ms: a save is short, the kill must land inside it
+        wait_until(lambda: proc.poll() is not None or writing(), timeout=120, interval=0.0005)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()

@@ -10,7 +10,7 @@ import tokenizers
 from tokenizers import decoders, models
 
 from runtime.tokenizer import ASSISTANT, BOS, DEFAULT_PATH, EOS, USER, StreamDecoder, Tokenizer
-from train import corpus_sources
+from runtime import haystacks as corpus_sources
 
 SAMPLES = {
     "code": 'def foo_bar(x: int = 42) -> str:\n\t"""Doc."""\n    return f"{x!r:>10}"  # comment\n\n\n',

@@ -755,14 +755,15 @@ def main(argv=None) -> int:
     pdir = {p.name: out / p.name if len(recipe.phases) > 1 else out for p in recipe.phases}
     seed_of = {p.name: p.seed if args.seed is None else args.seed for p in recipe.phases}
 
-    def start_of(phase: Phase) -> Path | None:
+    def start_of(phase: Phase, planned=()) -> Path | None:
+        """The weights a phase starts from (exits if they are missing and not among the ``planned`` phases)."""
         if phase is phases[0] and args.init_from:
             return Path(args.init_from)
         if phase.start == "scratch":
             return None
         i = names.index(phase.name)
         prev = pdir[names[i - 1]] / "model" if i else None
-        if prev is None or not prev.is_dir():
+        if prev is None or not (prev.is_dir() or names[i - 1] in planned):
             after = f"phase {names[i - 1]}'s end ({prev}), which is not there" if i else "a model folder"
             sys.exit(f"error: phase {phase.name} starts from {after}: pass --init-from DIR"
                      + (" or run that phase first" if i else ""))
@@ -789,6 +790,9 @@ def main(argv=None) -> int:
         if devices[p.name] is None:
             break
         runnable.append(p)
+    for i, p in enumerate(runnable):  # every start is there, or made by a phase before it, before any work
+        if not (pdir[p.name] / "checkpoint.pt").is_file():
+            start_of(p, {q.name for q in runnable[:i]})
     batches = pool = heldout = None
     tok = Tokenizer.default()
     if runnable:

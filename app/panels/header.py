@@ -6,6 +6,8 @@ from pathlib import Path
 
 import gradio as gr
 
+import runtime
+
 from .. import render as R
 from . import Context
 
@@ -30,8 +32,8 @@ def describe_model(engine, settings) -> tuple[str, str]:
         return f"Model folder: {settings.model_dir}", ""
     cfg = engine.config
     params = sum(p.numel() for p in engine.model.parameters())
-    kinds = {"sliding_attention": "SWA", "compressed_sparse_attention": f"CSA {cfg.csa_rate}:1 top-{cfg.index_topk}",
-             "heavily_compressed_attention": f"HCA {cfg.hca_rate}:1"}
+    kinds = {runtime.SLIDING: "SWA", runtime.CSA: f"CSA {cfg.csa_rate}:1 top-{cfg.index_topk}",
+             runtime.HCA: f"HCA {cfg.hca_rate}:1"}
     layers = " · ".join(kinds.get(t, t) for t in cfg.layer_types)
     limit, _ = engine.context_limit()
     dtype = str(engine.model.dtype).replace("torch.", "")
