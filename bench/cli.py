@@ -210,7 +210,8 @@ def main(argv=None) -> int:
     meta["model"] = {"source": f"preset `{model_spec['preset']}` (random weights, seed {args.seed})"
                      if "preset" in model_spec else f"checkpoint `{model_spec['model_dir']}`",
                      "preset": model_spec.get("preset"), "overrides": configs.parse_overrides(args.set),
-                     "summary": _summary(cfg_dict), "config": cfg_dict}
+                     "summary": _summary(cfg_dict), "config": cfg_dict,
+                     "weights_sha256": None if "preset" in model_spec else report.weights_digest(model_spec["model_dir"])}
     _log(f"matmul peak {report.fsi(meta['matmul_peak']['peak_flops'], 'FLOP/s')}; model: {meta['model']['source']}")
 
     env = dict(os.environ)

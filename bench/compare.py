@@ -131,12 +131,9 @@ def selection_check(rt, hf, ids, cfg, logits_rt, logits_hf, logits_eager, tol: f
     return out
 
 
-def save_random_pair(cfg: dict, folder: str, seed: int = 0) -> None:
-    """A random-weight transformers DeepseekV4ForCausalLM saved with save_pretrained (the compare model).
-
-    Every parameter gets a non-trivial random value (transformers' init leaves mHC, sinks and
-    position biases at 0 / identity, which would hide mistakes), as tests/hf_oracle.py does.
-    """
+def random_hf_model(cfg: dict, seed: int = 0):
+    """A transformers DeepseekV4ForCausalLM with every parameter random: transformers' init leaves mHC, sinks
+    and position biases at 0 / identity, which would hide mistakes (the logits oracle of tests/ and --compare)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     import torch
@@ -161,7 +158,12 @@ def save_random_pair(cfg: dict, folder: str, seed: int = 0) -> None:
                 b.copy_(torch.stack([torch.randperm(E, generator=g)[: b.shape[1]] for _ in range(b.shape[0])]))
             elif name.endswith("e_score_correction_bias"):
                 b.copy_(0.1 * torch.randn(b.shape, generator=g))
-    model.save_pretrained(folder)
+    return model
+
+
+def save_random_pair(cfg: dict, folder: str, seed: int = 0) -> None:
+    """random_hf_model saved with save_pretrained: the model --compare runs both runtimes on."""
+    random_hf_model(cfg, seed).save_pretrained(folder)
 
 
 def _log(msg: str) -> None:

@@ -10,6 +10,7 @@ for bench/results/history.tar.xz (bench/archive_results.py).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import math
 import re
@@ -332,15 +333,30 @@ def latest_per_kind(sets: list[dict]) -> list[dict]:
     return sorted(latest.values(), key=started)
 
 
+def weights_digest(folder) -> str | None:
+    """sha256 over a checkpoint folder's safetensors files (names and bytes): which weights a set ran with."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            h.update(f.name.encode() + b"\0" + hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
 def _shipped_config() -> dict | None:
     p = SHIPPED / "config.json"
     return json.loads(p.read_text()) if p.is_file() else None
 
 
 def weights(meta: dict) -> str:
-    """The weights a set ran with: meta.model.checkpoint (a name recorded with the set), else a step named in
-    --label; "shipped config" when its config.json is the shipped model's (assets/model)."""
+    """The weights a set ran with: "shipped model" when its recorded weights digest is that of assets/model
+    now; else meta.model.checkpoint (a name recorded with the set), else a step named in --label; "shipped
+    config" when its config.json is the shipped model's."""
     mm = meta.get("model", {})
+    if mm.get("weights_sha256") and mm["weights_sha256"] == weights_digest(SHIPPED):
+        return f"shipped model (weights sha256 {mm['weights_sha256'][:12]})"
     if mm.get("preset"):
         name = f"preset `{mm['preset']}`, random weights" + (", overridden" if mm.get("overrides") else "")
     else:

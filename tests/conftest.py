@@ -10,8 +10,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-# gradio reads its upload folder when imported: set before any test module imports it
-os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="longlens-gradio-"))
+# gradio reads its upload folder when imported: set before any test module imports it (removed at the end)
+_GRADIO_TEMP = None
+if "GRADIO_TEMP_DIR" not in os.environ:
+    _GRADIO_TEMP = os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix="longlens-gradio-")
 
 import pytest
 import torch
@@ -35,6 +37,11 @@ def make_tiny_model_dir(base: Path) -> Path:
         shutil.copy(ASSETS / "tokenizer.json", tmp / "tokenizer.json")
         tmp.rename(folder)
     return folder
+
+
+def pytest_unconfigure(config):
+    if _GRADIO_TEMP:
+        shutil.rmtree(_GRADIO_TEMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -92,24 +99,16 @@ def app(tiny_model_dir, tmp_path_factory, request):
 
 
 # ------------------------------------------------------------------------------------ browser tests
-def chromium_missing() -> str:
-    """Why the browser tests cannot run here ("" when they can)."""
-    if not CHROMIUM.exists():
-        return f"needs Debian chromium at {CHROMIUM}: apt-get install -y chromium"
-    return ""
-
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     """A `browser` test without chromium: a failure under CI (CI=true; scripts/test.sh installs chromium,
     so a missing one is a broken setup, not a reason to skip), a skip on a developer's machine."""
-    if item.get_closest_marker("browser") is None:
+    if item.get_closest_marker("browser") is None or CHROMIUM.exists():
         return
-    why = chromium_missing()
-    if why and os.environ.get("CI", "").lower() not in ("", "0", "false"):
-        pytest.fail(f"CI={os.environ['CI']}: the browser tests must run, but {why}", pytrace=False)
-    if why:
-        pytest.skip(why)
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"CI={os.environ['CI']} and no chromium at {CHROMIUM}: the browser tests must run in CI "
+                    "(scripts/test.sh installs it: apt-get install -y chromium, as root)", pytrace=False)
+    pytest.skip(f"needs Debian chromium at {CHROMIUM}: apt-get install -y chromium")
 
 
 @pytest.fixture(scope="module")

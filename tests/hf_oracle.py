@@ -1,7 +1,8 @@
 """Test helper: random-weight transformers DeepseekV4ForCausalLM models (the logits oracle).
 
 transformers is a test dependency only. Configs are tiny but keep every V4 part: sliding, CSA and
-HCA layers, hash- and score-routed MoE, mHC, YaRN, grouped output projection.
+HCA layers, hash- and score-routed MoE, mHC, YaRN, grouped output projection. `random_hf_model` (every
+parameter random) comes from bench/compare.py, so the tests and `python -m bench --compare` share it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch
-
+from bench.compare import random_hf_model  # noqa: F401  re-exported: the same random weights as bench --compare
 from runtime.config import CSA, HCA, SLIDING as SL  # config.json's layer_types spelling, transformers' too
 
 
@@ -32,30 +32,3 @@ def tiny_config(**over) -> dict:
     cfg.update(over)
     return cfg
 
-
-def random_hf_model(cfg: dict, seed: int = 0):
-    """A DeepseekV4ForCausalLM with every parameter random (HF init leaves some at 0 / identity)."""
-    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
-
-    torch.manual_seed(seed)
-    model = DeepseekV4ForCausalLM(DeepseekV4Config(**cfg)).float().eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith("sinks"):
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif "position_bias" in name or name.endswith((".base", "hc_base", ".scale", "hc_scale")):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-            else:
-                fan_in = p.shape[-1]
-                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
-        for name, b in model.named_buffers():
-            if name.endswith("tid2eid"):
-                n_exp = cfg["n_routed_experts"]
-                rows = torch.stack([torch.randperm(n_exp, generator=g)[: b.shape[1]] for _ in range(b.shape[0])])
-                b.copy_(rows)
-            elif name.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=g))
-    return model

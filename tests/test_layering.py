@@ -85,9 +85,6 @@ def test_app_imports_the_runtime_only_through_its_package():
                        or (_top(n) == "runtime" and n != "runtime")) == []
 
 
-@pytest.mark.xfail(reason="test modules import fixtures and helpers from other test_*.py files (test_app, "
-                          "test_browser, test_cli, test_faults, test_load, test_security, test_snapshot); being "
-                          "moved into conftest.py / helper modules", strict=False)
 def test_no_test_module_imports_another():
     def is_test_module(n):
         return _top(n) == "tests" and n.rpartition(".")[2].startswith("test_")
