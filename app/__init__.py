@@ -1,6 +1,6 @@
 """Longlens Gradio app: UI, figures and glue to the runtime.
 
-`Settings` and `build_demo` resolve lazily, so `import app.figures` (pure plotly) pulls in neither
+`Settings` and `build_demo` resolve lazily, so `import app.inspector_view` (pure) pulls in neither
 gradio nor torch.
 """
 

@@ -14,9 +14,9 @@ Entry w of a layer with rate m covers context tokens [w*m, (w+1)*m). Here: the s
 layer (whole answer or one answer token; weights or counts), the heatmap cell -> context position
 -> file:line mapping, the source viewer's window and per-line heat, the viewer targets the page's
 clicks send ('src:<turn>:<i>', 'cell:<layer>:<column>', 'pos:<position>', 'file:<name>:<line>'),
-and the four figures (through app/figures.py, pure plotly).
+and the four figures (through runtime/figures.py, pure plotly).
 
-Pure: numpy, plotly (via app.figures) and the standard library; no gradio, no torch, no runtime.
+Pure: numpy, plotly (via runtime.figures, which imports no torch) and the standard library; no gradio.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import figures as F
+from runtime import figures as F
 from .errors import InputError
 
 WHOLE = "all"  # the focus value for the whole answer
@@ -117,21 +117,10 @@ def focus_choices(provenance) -> list[tuple[str, str]]:
 def selection(provenance, focus: int | None, counts: bool = False) -> tuple[dict, dict]:
     """({CSA layer: value per entry}, {HCA layer: weight per entry}) of the whole answer (focus None)
     or of its answer token `focus`; `counts`: times picked instead of attention weight (for one
-    token: 1 per pick)."""
+    token: 1 per pick). Provenance.selection sums any set of answer tokens."""
     if provenance is None:
         return {}, {}
-    if focus is None:
-        return dict(provenance.csa_counts if counts else provenance.csa), dict(provenance.hca)
-    csa, hca = {}, {}
-    for layer, (ids, w) in provenance.tokens[focus].entries.items():
-        n = provenance.n_context // provenance.rates[layer]
-        ids, w = np.asarray(ids), np.asarray(w, dtype=np.float64)
-        arr = np.zeros(n)
-        ok = (ids >= 0) & (ids < n)
-        is_csa = layer in provenance.csa
-        arr[ids[ok]] = 1.0 if (counts and is_csa) else w[ok]
-        (csa if is_csa else hca)[layer] = arr
-    return csa, hca
+    return provenance.selection(None if focus is None else [focus], counts)
 
 
 def cell_entries(rate: int, n_context: int, column: int, columns: int = HEAT_COLUMNS) -> tuple[int, int] | None:

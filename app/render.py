@@ -11,7 +11,7 @@ from __future__ import annotations
 from html import escape
 from typing import Sequence
 
-from .figures import format_bytes
+from runtime.figures import format_bytes
 
 
 def _fmt_s(s: float) -> str:

@@ -40,7 +40,7 @@ class CorpusContext:
         return self.mark.length
 
     def docs(self) -> list[tuple[str, int, int]]:
-        """(name, start, end) of each document in context positions (for app/figures.py)."""
+        """(name, start, end) of each document in context positions (for runtime/figures.py)."""
         if self.layout is None:
             return []
         return [(d.name, d.token_start + self.offset, d.token_end + self.offset) for d in self.layout.documents]

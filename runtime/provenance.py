@@ -17,7 +17,7 @@ merged when they touch in tokens or in lines of the same file, and reported as `
 `weight` is their share of all compressed-entry attention that landed in the corpus. Attention on
 "### File:" headers, the preamble and the conversation itself is not a source.
 
-Pure apart from torch tensors in the capture; numpy arrays out (for app/figures.py).
+Pure apart from torch tensors in the capture; numpy arrays out (for runtime/figures.py).
 """
 
 from __future__ import annotations
@@ -83,6 +83,22 @@ class Provenance:
         spans = self.layout.locate(tok_start - self.offset, tok_end - self.offset)
         return "; ".join(f"{s.name}:{s.line_start}-{s.line_end}" if s.line_start else f"{s.name} (header)"
                          for s in spans)
+
+    def selection(self, tokens: Sequence[int] | None = None, counts: bool = False) -> tuple[dict, dict]:
+        """({CSA layer: value per entry}, {HCA layer: weight per entry}) summed over the answer tokens
+        `tokens` (indices; None: the whole answer). `counts`: times the indexer picked each CSA entry
+        instead of its attention weight."""
+        if tokens is None:
+            return dict(self.csa_counts if counts else self.csa), dict(self.hca)
+        csa, hca = {}, {}
+        for k in tokens:
+            for layer, (ids, w) in self.tokens[k].entries.items():
+                n, is_csa = self.n_context // self.rates[layer], layer in self.csa
+                arr = (csa if is_csa else hca).setdefault(layer, np.zeros(n))
+                ids, w = np.asarray(ids), np.asarray(w, dtype=np.float64)
+                ok = (ids >= 0) & (ids < n)
+                np.add.at(arr, ids[ok], 1.0 if (counts and is_csa) else w[ok])
+        return csa, hca
 
     def to_dict(self, top: int | None = None) -> dict:
         """JSON-friendly summary: sources, per-token sources and the mass split (no entry arrays)."""

@@ -1,4 +1,4 @@
-"""Tests for app/figures.py: exact binning, size bounds, doc shapes, hover, empty inputs."""
+"""Tests for runtime/figures.py: exact binning, size bounds, doc shapes, hover, empty inputs."""
 import json
 import sys
 
@@ -6,8 +6,8 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 
-from app import figures as F
-from app.figures import Doc, bin_positions
+from runtime import figures as F
+from runtime.figures import Doc, bin_positions
 
 M = 1 << 20  # 1,048,576 tokens
 

@@ -15,7 +15,6 @@ CSA layers 1 and 3 (rate 4: entry w covers context [4w, 4w + 4)), HCA layer 2 (r
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,26 +48,21 @@ def layout():
     return lay
 
 
-@dataclass
-class Token:
-    index: int
-    text: str
-    entries: dict
-
-
 def provenance():
-    """The fields of a runtime Provenance the view-model reads."""
+    """A runtime Provenance, small enough to check by hand."""
+    from runtime.provenance import Provenance, TokenProvenance
+
     csa = {1: np.array([0, 0.5, 0.25, 0, 0.1, 0]), 3: np.array([0, 0, 0, 0, 0.4, 0])}
     counts = {1: np.array([0, 3, 1, 0, 2, 0]), 3: np.array([0, 0, 0, 0, 1, 0])}
-    tokens = [Token(0, "53", {1: (np.array([1, 4]), np.array([0.7, 0.2])),
-                              3: (np.array([4, 9]), np.array([0.3, 0.05])),  # entry 9: past the context, dropped
-                              2: (np.array([0, 2]), np.array([0.6, 0.1]))}),
-              Token(1, "<b>", {1: (np.array([2]), np.array([1.0])), 3: (np.array([], int), np.array([])),
-                               2: (np.array([1]), np.array([0.9]))})]
-    return SimpleNamespace(n_context=N_CONTEXT, offset=OFFSET, rates={1: 4, 2: 8, 3: 4}, csa=csa, csa_counts=counts,
-                           hca={2: np.array([0.2, 0.3, 0.1])},
-                           mass={1: (0.5, 0.4, 0.1), 2: (0.6, 0.3, 0.1), 3: (0.2, 0.7, 0.1)},
-                           docs=[("a.py", 2, 13), ("b.md", 13, 20)], tokens=tokens)
+    tok = lambda i, text, entries: TokenProvenance(i, 40 + i, 100 + i, text, entries, [])
+    tokens = [tok(0, "53", {1: (np.array([1, 4]), np.array([0.7, 0.2])),
+                            3: (np.array([4, 9]), np.array([0.3, 0.05])),  # entry 9: past the context, dropped
+                            2: (np.array([0, 2]), np.array([0.6, 0.1]))}),
+              tok(1, "<b>", {1: (np.array([2]), np.array([1.0])), 3: (np.array([], int), np.array([])),
+                             2: (np.array([1]), np.array([0.9]))})]
+    return Provenance(N_CONTEXT, OFFSET, {1: 4, 2: 8, 3: 4}, csa, counts, {2: np.array([0.2, 0.3, 0.1])},
+                      {1: (0.5, 0.4, 0.1), 2: (0.6, 0.3, 0.1), 3: (0.2, 0.7, 0.1)}, [], tokens,
+                      [("a.py", 2, 13), ("b.md", 13, 20)])
 
 
 def source(file, a, b, weight=0.6, layers=(1, 3)):

@@ -19,7 +19,7 @@ import gradio as gr
 from runtime import list_snapshots
 
 from .. import errors as E
-from .. import figures as F
+from runtime import figures as F
 from .. import render as R
 from . import Context
 from .header import SAMPLE_QUESTION

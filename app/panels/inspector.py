@@ -14,7 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from .. import figures as F
+from runtime import figures as F
 from .. import inspector_view as V
 from .. import render as R
 from ..errors import InputError

@@ -1,7 +1,7 @@
 """Plotly figures for Longlens: where DeepSeek-V4's sparse attention looked.
 
-Pure module: imports only plotly, numpy and the standard library, so it can be
-tested without gradio, torch or the runtime.  Every public function takes plain
+Pure module: imports only plotly, numpy and the standard library (no torch, no gradio), so the app, the
+command line's HTML reports and the tests share it.  Every public function takes plain
 Python/numpy data and returns a ``plotly.graph_objects.Figure``; empty inputs
 give a figure carrying an explanatory annotation instead of raising.
 
