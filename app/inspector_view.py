@@ -13,8 +13,13 @@ Inputs are what the runtime hands the app, read by attribute only (nothing here 
 Entry w of a layer with rate m covers context tokens [w*m, (w+1)*m). Here: the selection shown per
 layer (whole answer or one answer token; weights or counts), the heatmap cell -> context position
 -> file:line mapping, the source viewer's window and per-line heat, the viewer targets the page's
-clicks send ('src:<turn>:<i>', 'cell:<layer>:<column>', 'pos:<position>', 'file:<name>:<line>'),
-and the four figures (through runtime/figures.py, pure plotly).
+clicks send ('src:<turn>:<i>', 'cell:<layer>:<column>', 'pos:<position>', 'file:<name>:<line>[-<line>]'),
+and the four figures (through runtime/figures.py, pure plotly). The focus is the whole answer (None),
+one answer token (k) or a span of them ((first, last), both included): the selection is summed over it.
+
+Across answers (app/analysis.py): each turn's compact selection record (`summaries`, None where an
+answer has none) gives the conversation's coverage of the corpus and the comparison of two answers,
+with their figures.
 
 Pure: numpy, plotly (via runtime.figures, which imports no torch) and the standard library; no gradio.
 """
@@ -23,15 +28,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from html import escape
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import numpy as np
 
 from runtime import figures as F
+from . import analysis as A
 from .errors import InputError
 
 WHOLE = "all"  # the focus value for the whole answer
+Focus = Union[int, tuple[int, int], None]  # one answer token, a span (first, last), or None: the whole answer
 HEAT_COLUMNS = 2000  # the heatmap's column cap (figures.selection_heatmap's max_columns)
+STRIP_COLUMNS = 600  # the coverage strip's (every cell has hover text: one row per answer)
 VIEW_LINES = 160  # most lines the source viewer shows around its target
 MEASURES = ("attention weight", "times picked")
 
@@ -68,7 +76,8 @@ class SourceView:
 
 @dataclass(frozen=True)
 class Target:
-    """A parsed viewer target. kind: src (turn, index), cell (layer, column), pos (position), file (name, line)."""
+    """A parsed viewer target. kind: src (turn, index), cell (layer, column), pos (position), file (name,
+    line a, last line b: 0 for the one line a)."""
     kind: str
     a: int = 0
     b: int = 0
@@ -76,7 +85,8 @@ class Target:
 
 
 def parse_target(text: str) -> Target:
-    """'src:<turn>:<i>', 'cell:<layer>:<column>', 'pos:<position>' or 'file:<name>:<line>'."""
+    """'src:<turn>:<i>', 'cell:<layer>:<column>', 'pos:<position>', 'file:<name>:<line>' or
+    'file:<name>:<first line>-<last line>'."""
     kind, _, rest = (text or "").partition(":")
     try:
         if kind in ("src", "cell"):
@@ -86,41 +96,94 @@ def parse_target(text: str) -> Target:
             return Target(kind, int(rest))
         if kind == "file":
             name, _, line = rest.rpartition(":")
+            first, dash, last = line.partition("-")
             if name:
-                return Target(kind, int(line), name=name)
+                return Target(kind, int(first), int(last) if dash else 0, name=name)
     except ValueError:
         pass
     raise InputError(f"nothing to open at {text!r}")
 
 
-def parse_focus(value: Any, n_tokens: int) -> int | None:
-    """The answer token a focus value names (a dropdown's value), or None: the whole answer, and
-    anything that is not one of the answer's `n_tokens` tokens."""
+def parse_focus(value: Any, n_tokens: int) -> Focus:
+    """The focus a value names (a dropdown's value, a token chip's click): one of the answer's `n_tokens`
+    tokens ('3' or 3), a span of them ('2-5' or (2, 5): first and last, in either order; a span of one
+    token is that token), or None: the whole answer, and anything that is not tokens of this answer."""
     if value in (None, "", WHOLE):
         return None
     try:
-        k = int(value)
+        if isinstance(value, (tuple, list)):
+            a, b = (int(x) for x in value)
+        elif isinstance(value, str) and "-" in value.strip()[1:]:
+            a, b = (int(x) for x in value.strip().split("-"))
+        else:
+            a = b = int(value)
     except (TypeError, ValueError):
         return None
-    return k if 0 <= k < n_tokens else None
+    a, b = min(a, b), max(a, b)
+    if not (0 <= a and b < n_tokens):
+        return None
+    return a if a == b else (a, b)
 
 
-def focus_choices(provenance) -> list[tuple[str, str]]:
-    """(label, value) per answer token, after the whole answer."""
+def focus_tokens(focus: Focus) -> list[int] | None:
+    """The answer token indices a focus sums over (None: the whole answer)."""
+    if focus is None:
+        return None
+    if isinstance(focus, tuple):
+        return list(range(focus[0], focus[1] + 1))
+    return [focus]
+
+
+def focus_value(focus: Focus) -> str:
+    """The dropdown's value for a focus: 'all', '3' or '2-5'."""
+    if focus is None:
+        return WHOLE
+    return f"{focus[0]}-{focus[1]}" if isinstance(focus, tuple) else str(focus)
+
+
+def span_text(provenance, focus: Focus, limit: int = 40) -> str:
+    """The answer text of a focus's tokens, cut to `limit` characters."""
+    if provenance is None or focus is None:
+        return ""
+    text = "".join(provenance.tokens[k].text for k in focus_tokens(focus))
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def focus_name(focus: Focus) -> str:
+    """'answer token #3' or 'answer tokens #2–#5'; '' for the whole answer."""
+    if focus is None:
+        return ""
+    return f"answer tokens #{focus[0]}–#{focus[1]}" if isinstance(focus, tuple) else f"answer token #{focus}"
+
+
+def focus_label(provenance, focus: Focus) -> str:
+    """focus_name and the tokens' text: "answer tokens #2–#5 '8204'" (unescaped); '' for the whole answer."""
+    return f"{focus_name(focus)} {span_text(provenance, focus)!r}" if focus is not None else ""
+
+
+def answer_tokens(provenance) -> list[tuple[int, str]]:
+    """(index, text) of each generated token of the answer (none without a provenance)."""
+    return [] if provenance is None else [(t.index, t.text) for t in provenance.tokens]
+
+
+def focus_choices(provenance, focus: Focus = None) -> list[tuple[str, str]]:
+    """(label, value) per answer token, after the whole answer; a span focus adds its own entry."""
     out = [("Whole answer", WHOLE)]
+    if isinstance(focus, tuple):
+        out.append((f"#{focus[0]}–#{focus[1]} {span_text(provenance, focus)!r}", focus_value(focus)))
     if provenance is not None:
         out += [(f"#{t.index} {t.text!r}", str(t.index)) for t in provenance.tokens]
     return out
 
 
 # ------------------------------------------------------------------------------------ selection
-def selection(provenance, focus: int | None, counts: bool = False) -> tuple[dict, dict]:
-    """({CSA layer: value per entry}, {HCA layer: weight per entry}) of the whole answer (focus None)
-    or of its answer token `focus`; `counts`: times picked instead of attention weight (for one
-    token: 1 per pick). Provenance.selection sums any set of answer tokens."""
+def selection(provenance, focus: Focus, counts: bool = False) -> tuple[dict, dict]:
+    """({CSA layer: value per entry}, {HCA layer: weight per entry}) of the whole answer (focus None),
+    of its answer token `focus` or summed over a span of them ((first, last)); `counts`: times picked
+    instead of attention weight (for tokens: 1 per pick). Provenance.selection sums any set of tokens."""
     if provenance is None:
         return {}, {}
-    return provenance.selection(None if focus is None else [focus], counts)
+    return provenance.selection(focus_tokens(focus), counts)
 
 
 def cell_entries(rate: int, n_context: int, column: int, columns: int = HEAT_COLUMNS) -> tuple[int, int] | None:
@@ -132,7 +195,7 @@ def cell_entries(rate: int, n_context: int, column: int, columns: int = HEAT_COL
     return int(edges[column]) // rate, -(-int(edges[column + 1]) // rate)
 
 
-def cell_position(provenance, layer: int, column: int, focus: int | None,
+def cell_position(provenance, layer: int, column: int, focus: Focus,
                   columns: int = HEAT_COLUMNS) -> int | None:
     """Context position of the heaviest selected entry in heatmap cell (CSA layer, column)."""
     if provenance is None:
@@ -217,7 +280,7 @@ def window(name: str, lines: Sequence[str], line_start: int, line_end: int, heat
 @dataclass
 class Inspector:
     """The inspector over one session's plain data: the corpus layout, the last answer's provenance,
-    every turn's sources, the model's shape and the context length."""
+    every turn's sources (and selection record and question), the model's shape and the context length."""
     layout: Any = None
     offset: int = 0
     provenance: Any = None
@@ -225,9 +288,11 @@ class Inspector:
     shape: Shape = field(default_factory=Shape)
     n_tokens: int = 0  # tokens in the context now (the compression boundary)
     lines: LineCache = field(default_factory=LineCache)
+    summaries: Sequence = ()  # per turn: its analysis.TurnSummary, None where none is kept
+    questions: Sequence[str] = ()  # per turn
 
     # ---------------------------------------------------------------- the viewer
-    def open(self, target: str, focus: int | None) -> SourceView:
+    def open(self, target: str, focus: Focus) -> SourceView:
         """The viewer for a target string (see parse_target); InputError when there is nothing there."""
         t = parse_target(target)
         if t.kind == "src":
@@ -246,9 +311,9 @@ class Inspector:
             return self.position(pos, focus, f"picked by CSA layer {t.a}")
         if t.kind == "pos":
             return self.position(t.a, focus)
-        return self.source(t.name, t.a, t.a, focus)
+        return self.source(t.name, t.a, max(t.a, t.b), focus)
 
-    def position(self, pos: int, focus: int | None, why: str = "") -> SourceView:
+    def position(self, pos: int, focus: Focus, why: str = "") -> SourceView:
         """The document text of the CSA entry holding context position `pos`."""
         rate = self.shape.csa_rate
         spans = self.layout.locate(pos - self.offset, pos - self.offset + rate) if self.layout else []
@@ -260,7 +325,7 @@ class Inspector:
         caption = f"tokens {pos:,}–{pos + rate - 1:,}" + (f" · {why}" if why else "")
         return self.source(s.name, s.line_start, s.line_end, focus, caption=caption)
 
-    def source(self, name: str, line_start: int, line_end: int, focus: int | None, caption: str = "") -> SourceView:
+    def source(self, name: str, line_start: int, line_end: int, focus: Focus, caption: str = "") -> SourceView:
         """Document `name` around lines [line_start, line_end], each line's heat being the share of
         the selected CSA attention (whole answer or token `focus`) that landed on it."""
         if self.layout is None:
@@ -274,7 +339,7 @@ class Inspector:
             heat = line_heat(selection(self.provenance, focus)[0], self.provenance.rates, self.layout, self.offset, i)
         return window(name, self.lines.get(self.layout, i), line_start, line_end, heat, caption)
 
-    def first(self, focus: int | None = None) -> SourceView | str:
+    def first(self, focus: Focus = None) -> SourceView | str:
         """What the viewer opens with: the last answer's top source, else a hint (a string)."""
         if self.sources and self.sources[-1]:
             try:
@@ -287,29 +352,103 @@ class Inspector:
         return "Load a corpus to browse its documents here."
 
     # ---------------------------------------------------------------- the figures
-    def figures(self, focus: int | None = None, counts: bool = False) -> tuple:
+    def figures(self, focus: Focus = None, counts: bool = False) -> tuple:
         """(CSA selection heatmap, attention mass split, HCA weights, compression boundary)."""
         shape, prov = self.shape, self.provenance
         boundary = F.compression_boundary(self.n_tokens, shape.window, shape.rates)
         if prov is None:
             return F.selection_heatmap({}, 0), F.mass_split_bar({}), F.hca_weights({}, 0, rate=shape.hca_rate), boundary
-        if focus is not None and not 0 <= focus < len(prov.tokens):
-            focus = None
+        focus = parse_focus(focus, len(prov.tokens))  # not tokens of this answer: the whole answer
         csa, hca = selection(prov, focus, counts)
-        heat = F.selection_heatmap(csa, prov.n_context, prov.docs, ratio=shape.csa_rate,
-                                   locate=lambda a, b: describe(self.layout, self.offset, a, b),
+        heat = F.selection_heatmap(csa, prov.n_context, prov.docs, ratio=shape.csa_rate, locate=self._describe,
                                    max_columns=HEAT_COLUMNS, value_label=MEASURES[1] if counts else MEASURES[0])
         hca_fig = F.hca_weights(hca, prov.n_context, prov.docs, rate=shape.hca_rate)
         mass = F.mass_split_bar(prov.mass)
         if focus is not None:
-            text = prov.tokens[focus].text
-            heat.update_layout(title_text=f"CSA selection for answer token #{focus} {escape(repr(text))}")
-            hca_fig.update_layout(title_text=f"HCA: heaviest {shape.hca_rate}-token summaries for answer token #{focus}")
+            heat.update_layout(title_text=f"CSA selection for {escape(focus_label(prov, focus))}")
+            hca_fig.update_layout(title_text=f"HCA: heaviest {shape.hca_rate}-token summaries for {focus_name(focus)}")
             # the capture keeps the split averaged over the answer only
             mass.update_layout(title_text="Where the attention mass went, per layer (whole answer)")
         return heat, mass, hca_fig, boundary
 
+    def _describe(self, a: int, b: int) -> str:
+        return describe(self.layout, self.offset, a, b)
 
-__all__ = ["HEAT_COLUMNS", "Inspector", "LineCache", "MEASURES", "Shape", "SourceView", "Target", "VIEW_LINES",
-           "WHOLE", "cell_entries", "cell_position", "describe", "focus_choices", "line_heat", "parse_focus",
-           "parse_target", "selection", "window"]
+    def _docs(self) -> list[tuple[str, int, int]]:
+        """(name, start, end) context positions of each document, header included (for the figures)."""
+        if self.layout is None:
+            return []
+        return [(d.name, d.token_start + self.offset, d.token_end + self.offset) for d in self.layout.documents]
+
+    # ---------------------------------------------------------------- across answers (app/analysis.py)
+    def recorded(self) -> list[int]:
+        """Indices of the turns whose selection is recorded (a snapshot reload or the memory budget drops them)."""
+        return [i for i, s in enumerate(self.summaries) if s is not None]
+
+    def answer_label(self, i: int, limit: int = 48) -> str:
+        q = " ".join(str(self.questions[i]).split()) if i < len(self.questions) else ""
+        q = q if len(q) <= limit else q[:limit - 1] + "…"
+        return f"answer {i + 1}" + (f": {q}" if q else "")
+
+    def coverage(self) -> A.Coverage:
+        """The corpus coverage of every recorded answer so far."""
+        n = max([s.n_context for s in self.summaries if s is not None] + [self.n_tokens])
+        return A.coverage(self.summaries, n, self.shape.csa_rate, A.text_spans(self.layout, self.offset),
+                          self.layout, self.offset)
+
+    def coverage_figure(self, cov: A.Coverage | None = None, rows: int = 12):
+        """Share of the entries read per stretch of the context: one row per answer (the last `rows`),
+        then any answer."""
+        cov = cov if cov is not None else self.coverage()
+        if not cov.answers or self.layout is None:
+            return F.coverage_strip([], 0)
+        labels = [f"answer {i + 1}" for i in self.recorded()]
+        strips = list(zip(labels, cov.read_masks))[-rows:] + [("any answer", cov.read_any)]
+        return F.coverage_strip(strips, cov.n_context, self._docs(), ratio=cov.rate, max_columns=STRIP_COLUMNS,
+                                locate=self._describe)
+
+    def answer_choices(self) -> list[tuple[str, str]]:
+        """(label, turn index) of the answers that can be compared."""
+        return [(self.answer_label(i), str(i)) for i in self.recorded()]
+
+    def default_pair(self) -> tuple[int | None, int | None]:
+        """The two answers Compare opens with: the last two recorded."""
+        rec = self.recorded()
+        return (rec[-2] if len(rec) > 1 else None), (rec[-1] if rec else None)
+
+    def parse_answer(self, value: Any) -> int | None:
+        """A turn index (a dropdown's value) whose selection is recorded, else None."""
+        try:
+            i = int(value)
+        except (TypeError, ValueError):
+            return None
+        return i if 0 <= i < len(self.summaries) and self.summaries[i] is not None else None
+
+    def comparison(self, i: int, j: int) -> A.Comparison:
+        return A.compare(self.summaries[i], self.summaries[j], self.sources[i] if i < len(self.sources) else (),
+                         self.sources[j] if j < len(self.sources) else ())
+
+    def compare_figures(self, i: int | None, j: int | None, c: A.Comparison | None = None) -> tuple:
+        """(heatmap of answer i, of answer j: one colour scale; their difference j - i; the overlap of
+        their picks per layer); `c`: their comparison, when already made."""
+        if i is None or j is None:
+            why = "Ask two questions, then pick two answers to compare their selections."
+            return (F.selection_heatmap({}, 0, empty=why), F.selection_heatmap({}, 0, empty=why),
+                    F.difference_heatmap({}, {}, 0), F.overlap_bars({}))
+        c = c if c is not None else self.comparison(i, j)
+        docs, rate = self._docs(), self.shape.csa_rate
+        zmax = F.shared_zmax([c.a, c.b], c.n_context, ratio=rate, max_columns=HEAT_COLUMNS)
+        heat = [F.selection_heatmap(sel, c.n_context, docs, ratio=rate, max_columns=HEAT_COLUMNS,
+                                    locate=self._describe, value_label=MEASURES[0], zmax=zmax,
+                                    title=f"Answer {k + 1}: CSA selection (one colour scale for both)")
+                for k, sel in ((i, c.a), (j, c.b))]
+        diff = F.difference_heatmap(c.a, c.b, c.n_context, docs, ratio=rate, max_columns=HEAT_COLUMNS,
+                                    locate=self._describe, labels=(f"answer {i + 1}", f"answer {j + 1}"))
+        overlap = F.overlap_bars(c.counts, labels=(f"answer {i + 1}", f"answer {j + 1}"), jaccard=c.jaccard)
+        return heat[0], heat[1], diff, overlap
+
+
+__all__ = ["HEAT_COLUMNS", "STRIP_COLUMNS", "Inspector", "LineCache", "MEASURES", "Shape", "SourceView", "Target",
+           "VIEW_LINES", "WHOLE", "Focus", "answer_tokens", "cell_entries", "cell_position", "describe",
+           "focus_choices", "focus_label", "focus_name", "focus_tokens", "focus_value", "line_heat", "parse_focus",
+           "parse_target", "selection", "span_text", "window"]

@@ -1,4 +1,5 @@
-"""HTML and text for the page: header, status and progress, documents, chips, source viewer.
+"""HTML and text for the page: header, status and progress, documents, chips, source viewer, and the
+inspector's answer tokens, coverage table and comparison.
 
 Pure (no gradio, no torch). Everything that came from a user or the model is escaped here, once.
 Clickable things carry `data-ll-open="<target>"` (or, inside chat messages, whose sanitizer drops
@@ -112,9 +113,9 @@ def snapshot_label(info) -> str:
 
 
 # ------------------------------------------------------------------------------------ chat
-def chip(target: str, label: str, weight: float | None = None, title: str = "") -> str:
+def chip(target: str, label: str, weight: float | None = None, title: str = "", cls: str = "") -> str:
     w = f'<span class="ll-chip-w">{weight:.0%}</span>' if weight is not None else ""
-    return (f'<button class="ll-chip" data-ll-open="{escape(target, quote=True)}" '
+    return (f'<button class="ll-chip{" " + cls if cls else ""}" data-ll-open="{escape(target, quote=True)}" '
             f'title="{escape(title or label, quote=True)}">{escape(label)}{w}</button>')
 
 
@@ -194,5 +195,130 @@ def placeholder(text: str) -> str:
     return f'<div class="ll-placeholder">{escape(text)}</div>'
 
 
-__all__ = ["answer_markdown", "chip", "chips", "corpus_summary", "doc_table", "header", "messages", "placeholder",
-           "progress", "skipped_lines", "snapshot_label", "source_label", "source_view", "starting", "status"]
+# ------------------------------------------------------------------------------------ inspector: answer tokens
+def token_text(text: str) -> str:
+    """An answer token as its chip shows it: spaces and line breaks made visible, nothing empty."""
+    if text == "":
+        return "∅"
+    return text.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥")
+
+
+def token_chips(tokens: Sequence[tuple[int, str]], focus=None) -> str:
+    """The last answer's generated tokens, clickable (app/panels/inspector.py's TOKENS_JS): a click
+    inspects one token, a shift-click the span from the last clicked one. `focus`: None (the whole
+    answer), a token index or (first, last); its tokens are marked."""
+    if not tokens:
+        return ('<div class="ll-tokens ll-muted">The answer\'s tokens show here: click one to see what it '
+                'selected, shift-click another to add up the span between.</div>')
+    if focus is None:
+        lo, hi = 0, -1
+    elif isinstance(focus, tuple):
+        lo, hi = focus
+    else:
+        lo = hi = focus
+    whole = " ll-tok-on" if focus is None else ""
+    items = [f'<button class="ll-tok ll-tok-all{whole}" data-ll-tok="all" title="the whole answer">'
+             'whole answer</button>']
+    for k, text in tokens:
+        on = " ll-tok-on" if lo <= k <= hi else ""
+        items.append(f'<button class="ll-tok{on}" data-ll-tok="{k}" title="#{k} {escape(repr(text), quote=True)}">'
+                     f'{escape(token_text(text))}</button>')
+    return ('<div class="ll-tokens"><span class="ll-chips-label">Answer tokens</span>' + "".join(items)
+            + '<span class="ll-muted ll-tok-hint">click: one token · shift-click: the span</span></div>')
+
+
+# ------------------------------------------------------------------------------------ inspector: coverage
+def _bar(share: float) -> str:
+    return (f'<div class="ll-minibar"><div style="width:{100 * max(0.0, min(1.0, share)):.1f}%"></div></div>'
+            f'<span>{share:.1%}</span>')
+
+
+def region_chip(region, short: bool = False) -> str:
+    """A never-read region (analysis.Region) as a chip opening the viewer at its lines; `short`: lines
+    only (in its document's row), else file:lines and its length."""
+    title = f"never read: {region.name} lines {region.lines}, {region.tokens:,} tokens"
+    if short:
+        return chip(region.target, region.lines, None, title)
+    return chip(region.target, f"{region.name}:{region.lines}", None, title) + \
+        f'<span class="ll-region-n">{region.tokens:,} tok</span>'
+
+
+def coverage_summary(cov, answers: int) -> str:
+    """One line over a Coverage (app/analysis.py): answers counted, share of the corpus read."""
+    if not cov.docs:
+        return placeholder("Load a corpus and ask questions: this view shows which parts of it the answers read.")
+    if not cov.answers:
+        return placeholder("Ask a question: this view then shows which parts of the corpus its answers read, "
+                           "and which they never did.")
+    left = answers - cov.answers
+    note = (f" ({left} other answer{'s' if left != 1 else ''} not recorded)" if left > 0 else "")
+    return (f'<div class="ll-summary"><b>{cov.answers}</b> answer{"s" if cov.answers != 1 else ""}{escape(note)} '
+            f'read <b>{cov.read:,}</b> of the corpus\'s <b>{cov.entries:,}</b> compressed entries '
+            f'(<b>{cov.share:.1%}</b>; an entry is {cov.rate} tokens, read when any CSA layer picked it for any '
+            'answer token).</div>')
+
+
+def coverage_table(cov, max_rows: int = 200, regions: int = 3) -> str:
+    """Per document: entries read (share), attention mass received (share of the corpus-bound mass),
+    and its longest never-read regions as chips."""
+    if not cov.docs or not cov.answers:
+        return ""
+    body = []
+    for d in cov.docs[:max_rows]:
+        chips_ = "".join(region_chip(r, short=True) for r in d.regions[:regions])
+        more = len(d.regions) - regions
+        if more > 0:
+            chips_ += f'<span class="ll-muted">+{more} more</span>'
+        if not d.regions:
+            chips_ = '<span class="ll-muted">none</span>'
+        body.append(f'<tr><td class="ll-doc-name"><span data-ll-open="file:{escape(d.name, quote=True)}:1" '
+                    f'title="open {escape(d.name, quote=True)}">{escape(d.name)}</span></td>'
+                    f'<td class="ll-num">{d.read:,} / {d.entries:,}</td>'
+                    f'<td><div class="ll-share">{_bar(d.share)}</div></td>'
+                    f'<td title="attention weight {d.mass:.3g}"><div class="ll-share">{_bar(d.mass_share)}</div></td>'
+                    f'<td><div class="ll-regions">{chips_}</div></td></tr>')
+    more = len(cov.docs) - max_rows
+    if more > 0:
+        body.append(f'<tr><td colspan="5" class="ll-muted">… and {more:,} more documents</td></tr>')
+    longest = cov.regions(8)
+    head = ""
+    if longest:
+        head = ('<div class="ll-chips ll-unread"><span class="ll-chips-label">Never read, longest first</span>'
+                + "".join(region_chip(r) for r in longest) + "</div>")
+    return (head + '<table class="ll-docs ll-coverage"><thead><tr><th>document</th><th>entries read</th>'
+            '<th>share read</th><th>share of the attention</th><th>never read (lines)</th></tr></thead>'
+            '<tbody>' + "".join(body) + "</tbody></table>")
+
+
+# ------------------------------------------------------------------------------------ inspector: compare
+def _num(x: float, fmt: str = ".2f") -> str:
+    return "–" if x != x else format(x, fmt)  # nan: nothing to compare
+
+
+def compare_summary(cmp, i: int, j: int, sources_a: Sequence, sources_b: Sequence, top: int = 5) -> str:
+    """The overlap of two answers (an analysis.Comparison of turns i and j) and their top sources, side
+    by side; a source both share is marked."""
+    if cmp is None:
+        return placeholder("Ask two questions, then pick two answers here to compare what they read.")
+    pairs = [(x, y) for x, y in cmp.shared if x < top and y < top]
+    both_a, both_b = {x for x, _ in pairs}, {y for _, y in pairs}
+
+    def column(turn: int, sources: Sequence, shared: set) -> str:
+        items = "".join(chip(f"src:{turn}:{k}", source_label(s), s.weight, s.snippet,
+                             "ll-shared" if k in shared else "") for k, s in enumerate(sources[:top]))
+        return (f'<div class="ll-cmp-col"><div class="ll-chips-label">answer {turn + 1}: top sources</div>'
+                f'<div class="ll-chips">{items or "<span class=ll-muted>none</span>"}</div></div>')
+
+    per_layer = " · ".join(f"L{l} {_num(cmp.jaccard[l])}" for l in cmp.layers)
+    return (f'<div class="ll-cmp"><div class="ll-cmp-stats" id="ll-overlap">'
+            f'<span>overlap of the picked entries (Jaccard) <b class="ll-overlap-value">{_num(cmp.overall)}</b></span>'
+            f'<span>per layer: {escape(per_layer)}</span>'
+            f'<span>attention in common <b>{_num(cmp.weighted, ".0%")}</b></span>'
+            f'<span>top sources in common <b>{len(both_a)}</b> (marked)</span></div>'
+            f'<div class="ll-cmp-cols">{column(i, sources_a, both_a)}{column(j, sources_b, both_b)}</div></div>')
+
+
+__all__ = ["answer_markdown", "chip", "chips", "compare_summary", "corpus_summary", "coverage_summary",
+           "coverage_table", "doc_table", "header", "messages", "placeholder", "progress", "region_chip",
+           "skipped_lines", "snapshot_label", "source_label", "source_view", "starting", "status", "token_chips",
+           "token_text"]

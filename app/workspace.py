@@ -24,6 +24,7 @@ import runtime
 from runtime import Answer, GenerationParams, LonglensError, Piece
 
 from .errors import AppError, InputError, code_of, explain
+from . import analysis
 from .inspector_view import Inspector, LineCache, Shape, SourceView
 from .sessions import large_allocations
 
@@ -38,6 +39,7 @@ class TurnView:
     timings: dict = field(default_factory=dict)
     note: str = ""  # an error or a remark shown under the answer
     provenance: object | None = None  # runtime Provenance; kept for the last turn only
+    summary: object | None = None  # app.analysis.TurnSummary: its CSA selection, compact (coverage, compare)
 
 
 def unique_names(names: Sequence[str]) -> list[str]:
@@ -92,7 +94,7 @@ class Workspace:
         self.offset = 0  # context position of layout token 0
         self.docs: list[tuple[str, int, int]] = []
         self.turns: list[TurnView] = []
-        self.focus: int | None = None  # answer token the inspector shows; None: the whole answer
+        self.focus = None  # what the inspector shows: an answer token, a span (first, last); None: the whole answer
         self.report = None  # the last runtime LoadReport
         self.n_tokens = 0
         self.cache_bytes: dict[str, int] = {}
@@ -261,6 +263,7 @@ class Workspace:
                 elif isinstance(item, Answer):
                     turn.answer, turn.stop_reason, turn.timings = item.text, item.stop_reason, item.timings
                     turn.provenance = item.provenance
+                    turn.summary = analysis.summarize(item.provenance)
                     turn.sources = list(item.provenance.sources) if item.provenance is not None else []
                 yield turn
         except Exception as e:
@@ -274,9 +277,17 @@ class Workspace:
             yield turn
         finally:
             for older in self.turns[:-1]:
-                older.provenance = None  # only the last answer is inspected; keep memory flat
+                older.provenance = None  # only the last answer is inspected token by token; keep memory flat
+            self._bound_summaries()
             self.focus = None
             self.refresh_memory()
+
+    def _bound_summaries(self) -> None:
+        """Earlier answers keep their compact selection (coverage, compare) within analysis.SUMMARY_BYTES;
+        beyond it the oldest are dropped."""
+        kept = [t for t in self.turns if t.summary is not None]
+        for t in kept[:analysis.within_budget([t.summary.nbytes for t in kept], analysis.SUMMARY_BYTES)]:
+            t.summary = None
 
     def retry(self, params: GenerationParams) -> Iterator[TurnView]:
         """Answer the last question again: the cache rewinds to just before it (earlier turns stay). After
@@ -309,7 +320,8 @@ class Workspace:
     def inspector(self) -> Inspector:
         """The inspector's view-model over this workspace's data (app/inspector_view.py)."""
         return Inspector(self.layout, self.offset, self.provenance, [t.sources for t in self.turns],
-                         Shape.of(self.engine.config if self.engine is not None else None), self.n_tokens, self._lines)
+                         Shape.of(self.engine.config if self.engine is not None else None), self.n_tokens, self._lines,
+                         [t.summary for t in self.turns], [t.question for t in self.turns])
 
 
 # InputError (app/errors.py) and SourceView (app/inspector_view.py) are re-exported for callers that knew them here

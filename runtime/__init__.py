@@ -8,6 +8,7 @@ Public API (used by the app, the CLI and outside checks):
   generation core, token ids in and out
 - `Engine` / `Session`: chat sessions over a prefilled corpus (runtime/engine.py, runtime/session.py)
 - errors carry a `code` (runtime/errors.py)
+- `figures`: the pure plotly figures (`from runtime import figures`)
 """
 
 import importlib
@@ -25,11 +26,22 @@ _EXPORTS = {
     "CorpusError": "errors", "SnapshotError": "errors", "Limits": "corpus", "ingest": "corpus",
     "Provenance": "provenance", "Source": "provenance", "list_snapshots": "snapshot",
     "mallopt": "memory", "trim_heap": "memory",
+    "Steering": "steering", "Steered": "steering", "SelectionDiff": "steering", "SpanWeight": "steering",
+    "LayerMass": "steering", "Counterfactual": "session",
+    "Trace": "trace", "TraceError": "trace", "from_sglang": "trace", "to_sglang": "trace", "read_trace": "trace",
+    "write_trace": "trace", "write_report": "report", "read_report": "report", "write_figures": "report",
+    "report_html": "report", "report_figures": "report", "figure_image": "report", "ExportError": "report",
+    "needle_grid": "probe", "plant_needles": "probe", "Needle": "probe", "NeedleCell": "probe",
+    "NeedleGrid": "probe", "ProbeProgress": "probe",
 }
-__all__ = sorted(_EXPORTS)
+# Modules that are API as a whole: `from runtime import figures` (pure plotly, shared by the app and reports).
+MODULES = ("figures",)
+__all__ = sorted(_EXPORTS) + list(MODULES)
 
 
 def __getattr__(name):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name in MODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'runtime' has no attribute {name!r}")

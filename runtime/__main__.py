@@ -5,6 +5,14 @@
     snapshot load PATH_OR_KEY [--snapshot-dir DIR] [--question TEXT]
     snapshot list [--snapshot-dir DIR]
     eval ...                      (runtime/evaluate.py)
+    trace show FILE [--format auto|longlens|sglang] [--corpus PATH ...] [--model DIR] [--question TEXT]
+               [--report FILE.html] [--trace FILE.json] [--trace-format longlens|sglang] [--figures DIR] [--json]
+
+`ask` (and `snapshot load --question`) also take --report FILE.html (runtime/report.py: a self-contained
+report), --trace FILE.json with --trace-format longlens|sglang (runtime/trace.py) and --figures DIR (the
+report's figures as PNG and SVG, through kaleido + Chromium); the paths written appear in --json's object
+as "report", "trace" and "figures". `trace show` reads a trace (Longlens JSON, a Longlens report, or an
+SGLang /generate response with meta_info.indexer_topk) over the corpus it was made over and writes the same.
 
 `ask --json` prints one object: {"answer", "sources": [{"file", "line_start", "line_end", "weight",
 "layers", "snippet"}], "timings", "cache_bytes", "dense_cache_bytes"}; `file` is the path as given
@@ -12,6 +20,14 @@
 unreadable, binary-only, malformed archive, corpus too large, bad arguments, a missing model or a
 refused snapshot), with --json printed as {"error": "..."} on stdout; 1 anything else. Never a
 traceback unless LONGLENS_DEBUG=1. Progress goes to stderr, and only when it is a terminal.
+
+`ask --exclude FILE[:START-END] ... --include FILE[:START-END] ... --index-topk K` (counterfactual selection,
+runtime/steering.py; FILE as the corpus names it: the path as given to --corpus, lines 1-based inclusive,
+FILE alone = the whole document) answers as usual, then answers the same question again from the cache mark
+with those spans forced out of / into every CSA layer's top-k (or its width changed); the window and HCA
+paths are left as they are. The printed answer and "answer" / "sources" stay the unsteered ones; --json adds
+"counterfactual": {"steering", "changed", "old_answer", "answer", "stop_reason", "sources", "selection",
+"mass", "spans", ...} (Counterfactual.to_dict in runtime/session.py). Bad specs exit 2 before any prefill.
 """
 
 from __future__ import annotations
@@ -91,6 +107,8 @@ def build_parser(with_eval: bool) -> argparse.ArgumentParser:
     ask.add_argument("--snapshot-dir", default=None, help="reuse/save snapshots of this corpus here")
     _answer_args(ask, required=True)
     _model_args(ask)
+    _export_args(ask)
+    _steering_args(ask)
 
     snap = sub.add_parser("snapshot", help="save, load or list corpus snapshots")
     ssub = snap.add_subparsers(dest="action", required=True)
@@ -106,6 +124,8 @@ def build_parser(with_eval: bool) -> argparse.ArgumentParser:
         p.add_argument("--snapshot-dir", default=str(DEFAULT_SNAPSHOTS))
     for p in (save, load):
         _model_args(p)
+
+    _trace_parser(sub)
 
     ev = sub.add_parser("eval", help="evaluate the model (runtime/evaluate.py)")
     if with_eval:
@@ -194,11 +214,13 @@ def _answer(session, args, timings: dict) -> dict:
             first = s.snippet.splitlines()[0] if s.snippet else ""
             print(f"  {i}. {s.file}:{s.line_start}-{s.line_end}  weight {s.weight:.3f}  layers "
                   f"{','.join(map(str, s.layers))}\n     {first[:100]}")
+    out.update(_export_answer(session, args, final))
     return out
 
 
 def cmd_ask(args) -> dict:
     corpus, ingest_s = _ingest(args.corpus)
+    _check_steering(args, corpus)
     engine, model_s = _engine(args)
     session = engine.new_session()
     report = session.load_corpus(corpus, progress=_progress(args), snapshot_dir=args.snapshot_dir)
@@ -210,7 +232,55 @@ def cmd_ask(args) -> dict:
                "corpus_prefill_tokens": t.get("prefill_tokens", 0), "corpus_prefill_s": t.get("prefill_s", 0.0),
                "snapshot_load_s": t.get("snapshot_load_s"), "snapshot_save_s": t.get("snapshot_save_s"),
                "layer_s": t.get("layer_s", {})}
-    return _answer(session, args, {k: v for k, v in timings.items() if v is not None})
+    out = _answer(session, args, {k: v for k, v in timings.items() if v is not None})
+    if _steered(args):
+        out["counterfactual"] = _counterfactual(session, args)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- counterfactual selection
+def _steering_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--exclude", action="append", default=[], metavar="FILE[:START-END]",
+                   help="also answer with these lines' compressed entries kept out of every CSA layer's top-k "
+                        "(repeatable; FILE as given to --corpus)")
+    p.add_argument("--include", action="append", default=[], metavar="FILE[:START-END]",
+                   help="also answer with these lines' compressed entries forced into every CSA layer's top-k")
+    p.add_argument("--index-topk", type=_positive, default=None, metavar="K",
+                   help="also answer with the CSA top-k width set to K")
+
+
+def _steered(args) -> bool:
+    return bool(getattr(args, "exclude", None) or getattr(args, "include", None)
+                or getattr(args, "index_topk", None) is not None)
+
+
+def _check_steering(args, corpus) -> None:
+    """Bad --exclude / --include specs fail here, before the prefill."""
+    from .steering import check_specs, count_lines
+
+    if _steered(args):
+        check_specs(args.exclude + args.include, [(d.name, count_lines(d.text)) for d in corpus.documents])
+
+
+def _counterfactual(session, args) -> dict:
+    from .steering import SCOPE_NOTE
+
+    cf = session.counterfactual(session.steering(args.exclude, args.include, args.index_topk), _params(args))
+    out = cf.to_dict(args.top_sources)
+    out["steering"].update(exclude_specs=list(args.exclude), include_specs=list(args.include))
+    if not args.json:
+        what = ", ".join([f"exclude {s}" for s in args.exclude] + [f"include {s}" for s in args.include]
+                         + ([f"index_topk {args.index_topk}"] if args.index_topk is not None else []))
+        print(f"\nCounterfactual ({what}): {'changed' if cf.changed else 'unchanged'}\n{cf.new.text}")
+        for layer, d in cf.selection.items():
+            print(f"  CSA layer {layer}: {len(d.dropped)} entries dropped (weight {d.dropped_weight:.3f} before), "
+                  f"{len(d.added)} added (weight {d.added_weight:.3f} after), {d.kept} kept")
+        for sw in cf.spans:
+            before, after = sum(sw.csa_before.values()), sum(sw.csa_after.values())
+            print(f"  {sw.kind} {sw.where or f'tokens {sw.token_start}-{sw.token_end}'}: CSA weight "
+                  f"{before:.3f} -> {after:.3f}")
+        print(f"  ({SCOPE_NOTE})")
+    return out
 
 
 def cmd_snapshot(args) -> dict:
@@ -268,6 +338,116 @@ def cmd_snapshot(args) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------- traces and reports
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report", metavar="FILE.html", default=None, help="write a self-contained HTML report")
+    p.add_argument("--trace", metavar="FILE.json", default=None, help="write the answer's selection trace")
+    p.add_argument("--trace-format", choices=("longlens", "sglang"), default="longlens",
+                   help="--trace layout: Longlens JSON, or SGLang's indexer_topk response (ids only)")
+    p.add_argument("--figures", metavar="DIR", default=None,
+                   help="write the report's figures as PNG and SVG here (kaleido + Chromium)")
+
+
+def _trace_parser(sub) -> None:
+    tr = sub.add_parser("trace", help="show a saved trace (Longlens or SGLang) over its corpus")
+    tsub = tr.add_subparsers(dest="action", required=True)
+    show = tsub.add_parser("show", help="read a trace, check it against the corpus, write a report / trace")
+    show.add_argument("file", help="a Longlens trace (.json), a Longlens report (.html) or an SGLang response")
+    show.add_argument("--format", choices=("auto", "longlens", "sglang"), default="auto", help="the file's layout")
+    show.add_argument("--corpus", nargs="+", default=None, metavar="PATH",
+                      help="the corpus the trace was made over (sources, file:line; required for SGLang)")
+    show.add_argument("--model", default=str(DEFAULT_MODEL),
+                      help="the model folder whose config.json and tokenizer the trace used (no weights are loaded)")
+    show.add_argument("--question", default=None, help="the question (an SGLang response does not carry it)")
+    show.add_argument("--top-sources", type=_positive, default=5)
+    show.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    _export_args(show)
+
+
+def _exports(args, trace, layout, prov) -> dict:
+    """Write what --report / --trace / --figures ask for; their paths for the JSON output."""
+    from .report import report_figures, write_figures, write_report
+    from .trace import TraceError, write_trace
+
+    out = {}
+    try:
+        if getattr(args, "trace", None):
+            out["trace"] = str(write_trace(args.trace, trace, args.trace_format))
+        if getattr(args, "report", None):
+            out["report"] = str(write_report(args.report, trace, layout, provenance=prov))
+    except TraceError as e:
+        raise BadInput(str(e)) from None
+    if getattr(args, "figures", None):
+        paths = write_figures(args.figures, report_figures(prov, counts=not trace.weighted))
+        out["figures"] = [str(p) for p in paths]
+    if not args.json:
+        for key in ("report", "trace"):
+            if key in out:
+                print(f"{key}: {out[key]}")
+        if "figures" in out:
+            print(f"figures: {', '.join(out['figures'])}")
+    return out
+
+
+def _export_answer(session, args, final) -> dict:
+    if not any(getattr(args, k, None) for k in ("report", "trace", "figures")):
+        return {}
+    from .trace import Trace, TraceError
+
+    try:
+        trace = Trace.from_answer(final, args.question, session)
+    except TraceError as e:
+        raise BadInput(str(e)) from None
+    return _exports(args, trace, session.layout, final.provenance)
+
+
+def cmd_trace(args) -> dict:
+    from .checkpoint import read_config
+    from .config import ModelConfig
+    from .corpus import Layout
+    from .snapshot import corpus_fingerprint
+    from .tokenizer import DEFAULT_PATH, Tokenizer
+    from .trace import TraceError, read_trace
+
+    model = Path(args.model)
+    if not (model / "config.json").is_file():
+        raise BadInput(f"no model config at {model / 'config.json'}; pass --model DIR (config.json + tokenizer.json)")
+    config = ModelConfig.from_dict(read_config(model))
+    tok = Tokenizer.from_file(model / "tokenizer.json" if (model / "tokenizer.json").is_file() else DEFAULT_PATH)
+    preamble = [tok.bos_id, tok.user_id]  # what Engine.preamble puts before the corpus
+    layout = None
+    if args.corpus:
+        corpus, _ = _ingest(args.corpus)
+        layout = Layout.build(corpus, tok.encode_with_offsets)
+    docs = [] if layout is None else [(d.name, d.token_start + len(preamble), d.token_end + len(preamble))
+                                      for d in layout.documents]
+    try:
+        trace = read_trace(args.file, args.format, config=config, documents=docs, offset=len(preamble),
+                           question=args.question or "", tokenizer=tok, model_name=model.name,
+                           corpus=corpus_fingerprint(layout, preamble) if layout is not None else "")
+        if args.question is not None:
+            trace.question = args.question
+        if trace.origin == "sglang" and layout is None:
+            raise TraceError("an SGLang trace holds no corpus information: pass --corpus (the files it was made over)")
+        prov = trace.to_provenance(layout)
+    except (TraceError, OSError) as e:
+        raise BadInput(f"{args.file}: {e}") from None
+    if layout is not None:
+        for m in trace.mismatches(corpus=corpus_fingerprint(layout, preamble)):
+            print(f"warning: {m}", file=sys.stderr)
+    out = {"file": args.file, "origin": trace.origin, "measure": "attention weight" if trace.weighted else "times picked",
+           "question": trace.question, "answer": trace.answer, "answer_tokens": trace.n_tokens,
+           "n_context": trace.n_context, "sources": [s.to_dict() for s in prov.sources[: args.top_sources]]}
+    if not args.json:
+        print(f"{args.file}: {trace.origin} trace, {trace.n_tokens} answer tokens over {trace.n_context:,} tokens "
+              f"({out['measure']})")
+        print(f"Q: {trace.question}\nA: {trace.answer}")
+        for i, s in enumerate(prov.sources[: args.top_sources], 1):
+            print(f"  {i}. {s.file}:{s.line_start}-{s.line_end}  {s.weight:.3f}  layers {','.join(map(str, s.layers))}")
+    out.update(_exports(args, trace, layout, prov))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     as_json = "--json" in argv
@@ -277,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(with_eval).parse_args(argv)
         if args.command == "eval":
             return int(_evaluate().main_eval(args))
-        out = cmd_ask(args) if args.command == "ask" else cmd_snapshot(args)
+        out = {"ask": cmd_ask, "snapshot": cmd_snapshot, "trace": cmd_trace}[args.command](args)
         if args.json:
             print(json.dumps(out, ensure_ascii=False))
         return 0

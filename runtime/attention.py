@@ -162,17 +162,43 @@ def dense_attention(q: torch.Tensor, entries: torch.Tensor, scale: float, parts:
     return o, lse
 
 
-def select_topk(scores: torch.Tensor, threshold: torch.Tensor, k: int):
-    """Top-k visible entries per query: (ids [B,Sq,K] with -1 for picks past the query, scores)."""
+def select_topk(scores: torch.Tensor, threshold: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
+                include: torch.Tensor | None = None):
+    """Top-k visible entries per query: (ids [B,Sq,K] with -1 for picks past the query, scores).
+
+    `exclude` / `include` [N] bool (runtime/steering.py; None on the default path, which they leave
+    untouched): excluded entries are never picked, included visible ones always are."""
     n = scores.shape[-1]
     k = min(k, n)
     if int(threshold.min()) < n:  # some entries lie in a query's future (never in decode)
         scores = scores.masked_fill(torch.arange(n, device=scores.device) >= threshold[:, None], NEG_INF)
+    if exclude is not None or include is not None:
+        return _steered_topk(scores, threshold, k, exclude, include)
     top = _prefiltered_topk(scores, k) if scores.numel() == n and n >= PREFILTER_MIN else None
     if top is None:
         top = _topk_lowest_id_ties(scores, k)
     ids = torch.where(top[0] >= threshold[:, None], -1, top[0])
     return ids, top[1]
+
+
+def _steered_topk(scores, threshold, k, exclude, include):
+    """select_topk under a Steering: excluded scores -inf and included visible ones +inf before the same
+    top-k (no prefilter); a pick that only an excluded or future entry could fill is -1, so an excluded
+    entry is never read. At most k included entries keep their place (the caller checks there are no more).
+    The scores returned are the indexer's, also for forced picks."""
+    raw = scores
+    if exclude is not None:
+        scores = scores.masked_fill(exclude, NEG_INF)
+    if include is not None:
+        forced = include if exclude is None else include & ~exclude
+        visible = torch.arange(scores.shape[-1], device=scores.device) < threshold[:, None]  # [Sq, N]
+        scores = scores.masked_fill(forced & visible, float("inf"))
+    ids, _ = _topk_lowest_id_ties(scores, k)
+    empty = ids >= threshold[:, None]
+    if exclude is not None:
+        empty |= exclude[ids]
+    ids = ids.masked_fill(empty, -1)
+    return ids, raw.gather(-1, ids.clamp(min=0)).masked_fill(empty, NEG_INF)
 
 
 PREFILTER_MIN = 1 << 15  # entries from which one query's top-k is taken over a prefiltered candidate set
@@ -251,13 +277,14 @@ class Attention(nn.Module):
 
     # -----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, positions: torch.Tensor, lc: LayerCache, impl: str = "sparse",
-                capture=None, keep: int = 0, offset: int = 0) -> torch.Tensor:
+                capture=None, keep: int = 0, offset: int = 0, steering=None) -> torch.Tensor:
         """x: normalised input [B,S,D] at absolute `positions` [S]; extends `lc` in place.
 
         keep=k > 0 computes the output of the last k positions only (the cache still takes all S):
         in the last layer of a long prefill nothing else reads the other outputs.
         offset: added to the RoPE positions of these tokens and of the entries they complete; causality
         and the window still use `positions` (token indices). Only training sets it (Transformer.hidden).
+        steering: a runtime.steering.Steering for this forward's CSA selection (None: the default path).
         """
         B, S, _ = x.shape
         H, d = self.n_heads, self.head_dim
@@ -284,8 +311,12 @@ class Attention(nn.Module):
             with region(self.timer, "indexer"):
                 iq, iw = self.indexer.queries(x, cq, cos, sin)
 
+        steer = None  # (top-k width, excluded [N], included [N]) of a steered CSA selection
+        if steering is not None and self.indexer is not None and not steering.empty:
+            n = 0 if entries is None else entries.shape[1]
+            steer = (steering.index_topk or self.indexer.topk, *steering.entry_masks(n, self.rate, x.device))
         run = self._eager if impl == "eager" else self._sparse
-        o = run(q, keys, positions, entries, iq, iw, ikeys, capture)  # [B, S, H, d]
+        o = run(q, keys, positions, entries, iq, iw, ikeys, capture, steer)  # [B, S, H, d]
         o = apply_rope(o, cos[:, None], -sin[:, None])  # undo the values' rotation at the query position
 
         G = self.cfg.o_groups
@@ -308,7 +339,14 @@ class Attention(nn.Module):
         sink = self.attn_sink.float().view(1, H, 1, 1).expand(B, H, Sq, 1)
         return torch.softmax(torch.cat([logits.float(), sink], dim=-1), dim=-1)
 
-    def _eager(self, q, keys, positions, entries, iq, iw, ikeys, capture):
+    def _select(self, iq, iw, ikeys, thr, steer):
+        """The CSA selection of a block of queries: select_topk over the indexer's scores, steered or not."""
+        scores = self.indexer.scores(iq, iw, ikeys)
+        if steer is None:
+            return select_topk(scores, thr, self.indexer.topk)
+        return select_topk(scores, thr, *steer)
+
+    def _eager(self, q, keys, positions, entries, iq, iw, ikeys, capture, steer=None):
         B, S, H, d = q.shape
         mask = self._window_mask(positions, keys.shape[1]).expand(B, S, -1)  # [B, S, Lw]
         sel = sel_scores = None
@@ -317,7 +355,7 @@ class Attention(nn.Module):
             visible = torch.arange(entries.shape[1], device=q.device)[None] < thr[:, None]  # [S, N]
             if self.indexer is not None:
                 with region(self.timer, "indexer"):
-                    sel, sel_scores = select_topk(self.indexer.scores(iq, iw, ikeys), thr, self.indexer.topk)
+                    sel, sel_scores = self._select(iq, iw, ikeys, thr, steer)
                 picked = torch.zeros(B, S, entries.shape[1] + 1, dtype=torch.bool, device=q.device)
                 picked.scatter_(-1, torch.where(sel < 0, entries.shape[1], sel), True)
                 visible = picked[..., :-1]
@@ -328,17 +366,18 @@ class Attention(nn.Module):
         probs = self._softmax_with_sink(logits)
         if capture is not None:
             self._record(capture, positions, probs, mask.shape[-1] - (0 if entries is None else entries.shape[1]),
-                         sel, sel_scores, entries)
+                         sel, sel_scores, entries, dense=True)
         return torch.einsum("bhqk,bkd->bqhd", probs[..., :-1].to(keys.dtype), keys)
 
-    def _sparse(self, q, keys, positions, entries, iq, iw, ikeys, capture):
+    def _sparse(self, q, keys, positions, entries, iq, iw, ikeys, capture, steer=None):
         B, S, H, d = q.shape
         Lw = keys.shape[1]
         off = Lw - S  # keys index of query 0 (queries are always the last S new tokens)
         n = 0 if entries is None else entries.shape[1]
         per_query = H * (self.window + 2 * S) * 4  # bytes of window logits per query (upper bound)
         if self.indexer is not None and n:
-            per_query = max(per_query, self.indexer.n_heads * n * 4 * 2, H * self.indexer.topk * (d + 8) * 4)
+            topk = self.indexer.topk if steer is None else steer[0]
+            per_query = max(per_query, self.indexer.n_heads * n * 4 * 2, H * topk * (d + 8) * 4)
         elif n:
             per_query = max(per_query, H * n * 4 * 2)
         # 128 queries per block: each then reads at most 255 window keys for its <= 128 useful ones
@@ -364,8 +403,7 @@ class Attention(nn.Module):
                 thr = (pos + 1) // self.rate
                 if self.indexer is not None:
                     with region(self.timer, "indexer"):
-                        sel, sel_scores = select_topk(self.indexer.scores(iq_blocks[bi], iw_blocks[bi], ikeys), thr,
-                                                      self.indexer.topk)
+                        sel, sel_scores = self._select(iq_blocks[bi], iw_blocks[bi], ikeys, thr, steer)
                     bidx = torch.arange(B, device=q.device)[:, None, None]
                     kc = entries[bidx, sel.clamp(min=0)]  # [B, Sq, K, d]: the only entries this block reads
                     lc = torch.einsum("bqhd,bqkd->bhqk", qb, kc) * scale
@@ -406,12 +444,13 @@ class Attention(nn.Module):
                 self._record(capture, pos, probs, kw.shape[1], sel, sel_scores, entries)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
-    def _record(self, capture, positions, probs, n_window, sel, sel_scores, entries):
-        """Hands what this block attended to to the capture (head-averaged; read-only)."""
+    def _record(self, capture, positions, probs, n_window, sel, sel_scores, entries, dense=False):
+        """Hands what this block attended to to the capture (head-averaged; read-only). `dense`: probs has a
+        column per entry (eager), not one per pick."""
         p = probs.mean(dim=1)  # [B, Sq, keys + 1]
         mass = torch.stack([p[..., :n_window].sum(-1), p[..., n_window:-1].sum(-1), p[..., -1]], dim=-1)
         comp = p[..., n_window:-1]
-        if sel is not None and comp.shape[-1] != sel.shape[-1]:  # eager: dense over all entries
+        if sel is not None and dense:  # eager: one column per entry (also when every entry is picked)
             comp = comp.gather(-1, sel.clamp(min=0)).masked_fill(sel < 0, 0.0)
         capture.add(self.layer, self.layer_type, positions, mass, sel, sel_scores,
                     comp if self.layer_type != SLIDING else None)

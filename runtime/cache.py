@@ -17,6 +17,7 @@ Every layer cache, and the whole `Cache`, offers the same small interface:
 - `mark()` / `rewind(mark)`: the cache's state at one length and the way back to it. Entries are
   append-only and the runtime replaces (never mutates) windows and buffers, so a mark is entry counts
   plus references to a few small tensors; rewinding costs nothing and no prefill is repeated;
+- `checkpoint(since)`: the state now, restorable after a branch run from an earlier mark (counterfactuals);
 - `reserve(tokens)` sizes entry buffers once for a known context, `trim()` gives spare capacity back;
 - `nbytes()` by component.
 Entries live in capacity-doubling buffers so a decode step appends in O(1) instead of re-copying the
@@ -256,6 +257,32 @@ class CacheMark:
         return cls(int(length), tuple(layers))
 
 
+class Checkpoint:
+    """A cache's state now, restorable after rewinding it to an earlier `since` mark and running on from
+    there (a branch, e.g. a counterfactual answer). Windows and compressor buffers are replaced, never
+    mutated, so a mark keeps them; a run from `since` overwrites only the entry rows past the mark's
+    counts, in place: those rows are copied here and written back by `restore`."""
+
+    def __init__(self, cache: "Cache", since: CacheMark):
+        self.cache, self.since, self.now = cache, since, cache.mark()
+        self.rows = []
+        for lc, lm in zip(cache.layers, since.layers):
+            for name, st in lc.compressors():
+                rows = st.entries.view()
+                self.rows.append(None if rows is None else rows[:, lm.compressors[name][0]:].clone())
+
+    def restore(self) -> None:
+        cache, rows = self.cache, iter(self.rows)
+        cache.rewind(self.since)
+        for lc in cache.layers:
+            for _, st in lc.compressors():
+                r = next(rows)
+                if r is not None:
+                    st.entries.append(r)
+        cache.length = self.now.length
+        cache.rewind(self.now)
+
+
 class Cache:
     """Everything needed to continue one batch of sequences; `length` tokens processed so far.
 
@@ -285,6 +312,10 @@ class Cache:
         for lc, lm in zip(self.layers, mark.layers):
             lc.rewind(lm)
         self.length = mark.length
+
+    def checkpoint(self, since: CacheMark) -> Checkpoint:
+        """The state now, to come back to after rewinding to `since` and running another branch."""
+        return Checkpoint(self, since)
 
     def reserve(self, tokens: int) -> None:
         """Give every entry buffer room for `tokens` context tokens, so growth never copies twice the cache."""
@@ -342,5 +373,5 @@ def compressed_layers(config: ModelConfig, kind: str) -> list[int]:
     return [i for i, t in enumerate(config.layer_types) if t == kind]
 
 
-__all__ = ["Cache", "CacheMark", "CompressorState", "CSACache", "Entries", "HCACache", "LayerCache", "LayerMark",
+__all__ = ["Cache", "CacheMark", "Checkpoint", "CompressorState", "CSACache", "Entries", "HCACache", "LayerCache", "LayerMark",
            "STATE_FIELDS", "compressed_layers", "CSA", "HCA", "SLIDING"]

@@ -2,6 +2,7 @@
 
     python -m runtime eval niah --lengths 4096,32768 --depths 0,0.25,0.5,0.75,1 --seed 0 [--haystack PATH ...]
                                 [--model DIR] [--n 4] [--json]
+    python -m runtime eval niah --haystack-dir DIR [--depths ...] [--documents N|NAMES] [--json]   (runtime/probe.py)
 
 For every length L and each of ``n`` haystacks, a haystack of about L tokens is cut from the given files
 (or, by default, from the held-out split of runtime/haystacks.py, pinned by runtime/haystacks.json: text
@@ -276,12 +277,21 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--values", choices=("number", "code", "words", "mixed"), default="number",
                         help="niah value format: number = 3-8 digits, as RULER's passkeys (default); code = "
                              "'QX-4471-B'; words = 'falcon-12'; mixed = 60/25/15%% of those")
-    parser.add_argument("--per-haystack", choices=("one", "all"), default="one",
+    parser.add_argument("--per-haystack", choices=("one", "all"), default=None,
                         help="one: a haystack per depth with a single planted item (classic needle in a "
                              "haystack; default); all: one haystack holds an item per depth, so each question "
-                             "has the other items as distractors (multi-key, harder)")
+                             "has the other items as distractors (multi-key, harder). With --haystack-dir: all "
+                             "(default) puts every needle in one context, one gives each its own prefill")
     parser.add_argument("--haystack", action="extend", nargs="+", default=None, metavar="PATH",
                         help="files or folders to cut haystacks from (default: the held-out corpus split)")
+    parser.add_argument("--haystack-dir", default=None, metavar="DIR",
+                        help="niah in your own documents (runtime/probe.py): one needle per (document, depth) "
+                             "planted in memory (the files are not changed), asked through the app's path; prints "
+                             "a document x depth grid and what the model can and cannot do there (--json: one "
+                             "object). --lengths and --n do not apply")
+    parser.add_argument("--documents", default=None, metavar="N|NAMES",
+                        help="with --haystack-dir: plant in N documents spread over the corpus, or in the named "
+                             "ones (comma-separated, a path tail such as b.md is enough; default: all)")
     parser.add_argument("--model", default=str(DEFAULT_MODEL), help="checkpoint folder (default: assets/model)")
     parser.add_argument("--n", type=int, default=4, help="haystacks per length (each holds one item per depth)")
     parser.add_argument("--chunk", type=int, default=8192, help="prefill chunk size in tokens")
@@ -361,12 +371,20 @@ def format_table(results: list[dict]) -> str:
 
 
 def main_eval(args) -> int:
+    if getattr(args, "haystack_dir", None):
+        from .probe import main_probe
+
+        return main_probe(args)
+    if getattr(args, "documents", None):
+        from .errors import EngineError
+
+        raise EngineError("--documents picks documents of --haystack-dir; give that folder too")
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = lambda msg: print(msg, file=sys.stderr, flush=True)
     results = [] if args.render_only else evaluate(
         args.kind, args.model, args.lengths, args.depths, args.seed, args.haystack, n=args.n, chunk=args.chunk,
-        progress=progress, values=args.values, per_haystack=args.per_haystack)
+        progress=progress, values=args.values, per_haystack=args.per_haystack or "one")
     if args.plot:
         merged = {(r["length"], r["depth"]): r for r in load_results(args.include, args.kind) + results}
         cells = sorted(merged.values(), key=lambda r: (r["length"], r["depth"]))

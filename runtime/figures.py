@@ -27,10 +27,12 @@ import numpy as np
 import plotly.graph_objects as go
 
 __all__ = ["Doc", "bin_positions", "byte_unit", "format_bytes", "selection_heatmap", "mass_split_bar",
-           "hca_weights", "compression_boundary", "cache_ledger"]
+           "hca_weights", "compression_boundary", "cache_ledger", "shared_zmax", "difference_heatmap",
+           "overlap_bars", "coverage_strip"]
 
 FONT = dict(family="system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif", size=13)
-COLORS = {"compressed": "#4C78A8", "buffered": "#F58518", "window": "#54A24B", "sink": "#9D9D9D"}
+COLORS = {"compressed": "#4C78A8", "buffered": "#F58518", "window": "#54A24B", "sink": "#9D9D9D",
+          "a": "#4C78A8", "b": "#E45756", "both": "#8E6BB0", "unread": "#F6D7B8"}
 LABEL_DOCS_MAX = 12    # up to this many docs: boundary lines with names
 BAND_DOCS_MAX = 2000   # beyond this many docs: no bands (hover still names them)
 
@@ -149,41 +151,164 @@ def _doc_namer(docs: list[Doc]) -> Callable[[int, int], str]:
     return names
 
 
+def _binned(selection: Mapping[int, np.ndarray], layers: Sequence[int], ratio: int, n_tokens: int,
+            max_columns: int, how: str = "sum") -> tuple[np.ndarray, np.ndarray]:
+    """(edges, [layers, columns] binned values); a layer missing from ``selection`` is all zeros."""
+    edges, rows = None, []
+    for l in layers:
+        e, v = bin_positions(selection.get(l, ()), ratio, n_tokens, max_columns, how)
+        edges = e
+        rows.append(v)
+    return edges, np.vstack(rows)
+
+
+def _column_text(edges: np.ndarray, columns: Iterable[int], where_fn: Callable[[int, int], str]) -> dict[int, str]:
+    """Hover text of the given columns: their token range and where it lies."""
+    out = {}
+    for j in columns:
+        a, b = int(edges[j]), int(edges[j + 1])
+        where = where_fn(a, b)
+        out[int(j)] = f"tokens {a:,}–{b - 1:,}" + (f"<br>{where}" if where else "")
+    return out
+
+
+def shared_zmax(selections: Sequence[Mapping[int, np.ndarray]], n_tokens: int, ratio: int = 4,
+                max_columns: int = 2000, how: str = "sum") -> float:
+    """The largest cell over several selections binned as :func:`selection_heatmap` bins them: pass it
+    as ``zmax`` to draw them on one colour scale (0 when nothing is selected)."""
+    top = 0.0
+    for sel in selections:
+        for l in sel:
+            top = max(top, float(bin_positions(sel[l], ratio, n_tokens, max_columns, how)[1].max(initial=0.0)))
+    return top
+
+
 def selection_heatmap(selection: Mapping[int, np.ndarray], n_tokens: int, docs=(), ratio: int = 4,
                       max_columns: int = 2000, locate: Callable[[int, int], str] | None = None,
-                      how: str = "sum", value_label: str = "selections") -> go.Figure:
+                      how: str = "sum", value_label: str = "selections", zmax: float | None = None,
+                      title: str | None = None, empty: str | None = None) -> go.Figure:
     """CSA layers (rows) x context position (binned columns) of selected entries.
 
     Hover text is computed only for non-zero cells (zero cells are blank and
     hover-less): the token range plus ``locate(tok_start, tok_end)`` (e.g.
     ``"notes.md:12-30"``) if given, else the names of the documents covered.
+    ``zmax``: the top of the colour scale (from 0), e.g. :func:`shared_zmax` of
+    figures to compare; by default each figure scales to its own cells.
+    ``empty``: the message when there is nothing to show.
     """
-    title = "CSA selection: which compressed blocks the indexer picked"
+    title = title or "CSA selection: which compressed blocks the indexer picked"
     if not selection or n_tokens <= 0:
-        return _empty(title, "No CSA selection recorded yet: ask a question to see where the model looked.")
+        return _empty(title, empty or "No CSA selection recorded yet: ask a question to see where the model looked.")
     layers = sorted(selection)
-    rows = [bin_positions(selection[l], ratio, n_tokens, max_columns, how) for l in layers]
-    edges = rows[0][0]
-    z = np.vstack([r[1] for r in rows])
+    edges, z = _binned(selection, layers, ratio, n_tokens, max_columns, how)
     z[z == 0] = np.nan
     docs = _docs(docs, n_tokens)
-    where_fn = locate or _doc_namer(docs)
-    col_text = {}
-    for j in np.flatnonzero(~np.isnan(z).all(axis=0)):
-        a, b = int(edges[j]), int(edges[j + 1])
-        where = where_fn(a, b)
-        col_text[j] = f"tokens {a:,}–{b - 1:,}" + (f"<br>{where}" if where else "")
+    col_text = _column_text(edges, np.flatnonzero(~np.isnan(z).all(axis=0)), locate or _doc_namer(docs))
     text = [[col_text[j] if not np.isnan(z[i, j]) else "" for j in range(z.shape[1])]
             for i in range(z.shape[0])]
     bin_tokens = int(edges[1] - edges[0])
+    scale = dict(zmin=0.0, zmax=float(zmax)) if zmax else {}
     fig = go.Figure(go.Heatmap(
         z=z.astype(np.float32), x=edges, y=[f"L{l}" for l in layers], text=text, hoverongaps=False,
         colorscale="Blues", colorbar=dict(title=dict(text=f"{value_label}<br>({how} per {bin_tokens:,} tokens)")),
-        hovertemplate="%{y}<br>%{text}<br>" + how + ": %{z:.3g}<extra></extra>"))
+        hovertemplate="%{y}<br>%{text}<br>" + how + ": %{z:.3g}<extra></extra>", **scale))
     _add_docs(fig, docs)
     fig.update_xaxes(title="context position (tokens)", range=[0, n_tokens])
     fig.update_yaxes(autorange="reversed", title="CSA layer")
     return _style(fig, title, height=max(260, 140 + 28 * len(layers)))
+
+
+def difference_heatmap(a: Mapping[int, np.ndarray], b: Mapping[int, np.ndarray], n_tokens: int, docs=(),
+                       ratio: int = 4, max_columns: int = 2000, locate: Callable[[int, int], str] | None = None,
+                       labels: tuple[str, str] = ("A", "B"), value_label: str = "attention weight") -> go.Figure:
+    """``b - a`` per CSA layer and binned column, on a diverging scale centred on 0 (red: ``b`` put
+    more there, blue: ``a`` did). Cells neither selected are blank; hover gives both values."""
+    title = f"Difference: {labels[1]} − {labels[0]}"
+    if not (a or b) or n_tokens <= 0:
+        return _empty(title, "Nothing to compare yet.")
+    layers = sorted(set(a) | set(b))
+    edges, za = _binned(a, layers, ratio, n_tokens, max_columns)
+    _, zb = _binned(b, layers, ratio, n_tokens, max_columns)
+    z = zb - za
+    z[(za == 0) & (zb == 0)] = np.nan
+    top = float(np.nanmax(np.abs(z))) if np.any(~np.isnan(z)) else 0.0
+    top = top or 1.0
+    docs = _docs(docs, n_tokens)
+    col_text = _column_text(edges, np.flatnonzero(~np.isnan(z).all(axis=0)), locate or _doc_namer(docs))
+    text = [[col_text[j] if not np.isnan(z[i, j]) else "" for j in range(z.shape[1])] for i in range(z.shape[0])]
+    bin_tokens = int(edges[1] - edges[0])
+    fig = go.Figure(go.Heatmap(
+        z=z.astype(np.float32), x=edges, y=[f"L{l}" for l in layers], text=text, hoverongaps=False,
+        customdata=np.stack([za, zb], axis=-1).astype(np.float32), colorscale="RdBu_r", zmid=0.0,
+        zmin=-top, zmax=top,
+        colorbar=dict(title=dict(
+            text=f"{value_label}<br>{labels[1]} − {labels[0]}<br>(sum per {bin_tokens:,} tokens)")),
+        hovertemplate=("%{y}<br>%{text}<br>" + f"{labels[0]}: " + "%{customdata[0]:.3g} · " + f"{labels[1]}: "
+                       + "%{customdata[1]:.3g}<br>difference: %{z:.3g}<extra></extra>")))
+    _add_docs(fig, docs)
+    fig.update_xaxes(title="context position (tokens)", range=[0, n_tokens])
+    fig.update_yaxes(autorange="reversed", title="CSA layer")
+    return _style(fig, title, height=max(260, 140 + 28 * len(layers)))
+
+
+def overlap_bars(counts: Mapping[int, Sequence[int]], labels: tuple[str, str] = ("A", "B"),
+                 jaccard: Mapping[int, float] | None = None) -> go.Figure:
+    """Per CSA layer, the entries picked by ``a`` only, by both and by ``b`` only (``counts[layer] =
+    (only_a, both, only_b)``), stacked; ``jaccard`` (both / either) is written at each bar's end."""
+    title = "Overlap of the picked CSA entries"
+    if not counts:
+        return _empty(title, "Nothing to compare yet.")
+    layers = sorted(counts)
+    vals = np.array([[int(x) for x in counts[l]] for l in layers])
+    if vals.ndim != 2 or vals.shape[1] != 3:
+        raise ValueError("counts values must be (only a, both, only b) triples")
+    y = [f"L{l}" for l in layers]
+    fig = go.Figure()
+    for k, (name, color) in enumerate([(f"{labels[0]} only", COLORS["a"]), ("both", COLORS["both"]),
+                                       (f"{labels[1]} only", COLORS["b"])]):
+        fig.add_trace(go.Bar(x=vals[:, k], y=y, orientation="h", name=name, marker_color=color,
+                             hovertemplate="%{y} " + name + ": %{x:,} entries<extra></extra>"))
+    if jaccard:
+        totals = vals.sum(axis=1)
+        for l, yl, t in zip(layers, y, totals):
+            j = jaccard.get(l, float("nan"))
+            fig.add_annotation(x=t, y=yl, text="Jaccard " + ("–" if np.isnan(j) else f"{j:.2f}"), xanchor="left",
+                               showarrow=False, xshift=6, font=dict(size=11))
+    fig.update_layout(barmode="stack", legend=dict(orientation="h", y=-0.15, yanchor="top", x=0, traceorder="normal"))
+    fig.update_xaxes(rangemode="tozero")
+    fig.update_yaxes(autorange="reversed")
+    fig = _style(fig, title + " (entries per layer)", height=max(240, 170 + 30 * len(layers)))
+    fig.update_layout(margin=dict(r=110, b=80))
+    return fig
+
+
+def coverage_strip(rows: Sequence[tuple[str, np.ndarray]], n_tokens: int, docs=(), ratio: int = 4,
+                   max_columns: int = 2000, locate: Callable[[int, int], str] | None = None) -> go.Figure:
+    """Share of the entries read, per binned column of the context, one row per ``(label, read)``
+    (``read``: bool per closed ``ratio``-token entry). 0 (never read) stands out in its own colour."""
+    title = "Coverage: which parts of the context the answers read"
+    if not rows or n_tokens <= 0:
+        return _empty(title, "No answers yet: ask questions to see which parts of the corpus they read.")
+    n_entries = n_tokens // ratio
+    edges, have = bin_positions(np.ones(n_entries), ratio, n_tokens, max_columns)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.vstack([bin_positions(np.asarray(r, dtype=np.float64)[:n_entries], ratio, n_tokens,
+                                     max_columns)[1] / have for _, r in rows])
+    z[:, have == 0] = np.nan  # columns of the open (not yet pooled) tokens only
+    docs = _docs(docs, n_tokens)
+    col_text = _column_text(edges, range(z.shape[1]), locate or _doc_namer(docs))
+    text = [[col_text[j] for j in range(z.shape[1])] for _ in rows]
+    bin_tokens = int(edges[1] - edges[0]) if edges.size > 1 else ratio
+    scale = [[0.0, COLORS["unread"]], [1e-6, "#DCE7F3"], [1.0, "#2F5D8A"]]
+    fig = go.Figure(go.Heatmap(
+        z=z.astype(np.float32), x=edges, y=[label for label, _ in rows], text=text, hoverongaps=False,
+        colorscale=scale, zmin=0.0, zmax=1.0, xgap=0, ygap=2,
+        colorbar=dict(title=dict(text=f"entries read<br>(share per {bin_tokens:,} tokens)"), tickformat=".0%"),
+        hovertemplate="%{y}<br>%{text}<br>read: %{z:.0%}<extra></extra>"))
+    _add_docs(fig, docs)
+    fig.update_xaxes(title="context position (tokens)", range=[0, n_tokens])
+    fig.update_yaxes(autorange="reversed")
+    return _style(fig, title, height=max(220, 150 + 26 * len(rows)))
 
 
 def mass_split_bar(mass: Mapping[int, Sequence[float]]) -> go.Figure:

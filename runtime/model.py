@@ -45,12 +45,13 @@ class Block(nn.Module):
         return hc_weights(streams, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_base"),
                           getattr(self, f"hc_{site}_scale"), c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
-    def forward(self, streams, ids, positions, layer_cache, impl="sparse", capture=None, keep=0, offset=0):
+    def forward(self, streams, ids, positions, layer_cache, impl="sparse", capture=None, keep=0, offset=0,
+                steering=None):
         with region(self.timer, "mhc"):
             pre, post, comb = self._hc("attn", streams)
             x = hc_collapse(streams, pre)
         x = self.attn_norm(x)  # rebinding x frees the collapsed streams before attention runs
-        y = self.attn(x, positions, layer_cache, impl, capture, keep, offset)
+        y = self.attn(x, positions, layer_cache, impl, capture, keep, offset, steering)
         if keep:  # only the last `keep` positions go on (the cache above took all of them)
             streams, post, comb, ids = streams[:, -keep:], post[:, -keep:], comb[:, -keep:], ids[:, -keep:]
         with region(self.timer, "mhc"):
@@ -100,7 +101,7 @@ class Transformer(nn.Module):
         return Cache(self.config, batch_size, index_dtype)
 
     def hidden(self, input_ids: torch.Tensor, cache: Cache, capture=None, keep: int = 0,
-               position_offset: int = 0) -> torch.Tensor:
+               position_offset: int = 0, steering=None) -> torch.Tensor:
         """Final normalised hidden states [B, S, D] (last `keep` positions if keep > 0); extends `cache` by S.
 
         position_offset > 0 (training only) gives these tokens, and the compressed entries they complete,
@@ -108,6 +109,9 @@ class Transformer(nn.Module):
         many positions further on, as if the skipped tokens were there (position skipping, PoSE). Place
         the skip where the cache length is a multiple of the largest compression rate, so that no pooling
         window straddles it, and pass the same offset for everything after it.
+
+        steering: a runtime.steering.Steering forcing spans out of / into every CSA layer's top-k, or its
+        width, for this call (None: the default path, untouched).
         """
         B, S = input_ids.shape
         if B != cache.batch_size:
@@ -124,7 +128,7 @@ class Transformer(nn.Module):
         last = len(self.layers) - 1
         for i, (layer, lc) in enumerate(zip(self.layers, cache.layers)):
             streams = layer(streams, input_ids, positions, lc, self.attn_impl, capture, keep if i == last else 0,
-                            position_offset)
+                            position_offset, steering)
         cache.length += S
         # hyper-head: collapse the n streams with input-dependent weights (no post, no Sinkhorn)
         c = self.config
@@ -136,13 +140,14 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, capture=None,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                logits_to_keep: int = 0, steering=None) -> torch.Tensor:
         """Logits [B, S, vocab] (float) continuing the sequence in `cache` (a fresh one if None).
 
         logits_to_keep=k > 0 returns only the last k positions (a long prefill needs only the last).
+        steering: see `hidden` and runtime/steering.py (counterfactual selection).
         """
         cache = cache if cache is not None else self.new_cache(input_ids.shape[0])
-        return self.head(self.hidden(input_ids, cache, capture, logits_to_keep)).float()
+        return self.head(self.hidden(input_ids, cache, capture, logits_to_keep, steering=steering)).float()
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> "Transformer":

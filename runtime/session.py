@@ -9,21 +9,25 @@ The model runs only through the generation core (runtime/generate.py): `load_cor
 progress and stop, `ask` prefills the question and streams the answer as `Piece`s ending with one
 `Answer` carrying the text, the provenance (runtime/provenance.py, from a runtime.Capture of the
 answer's queries) and timings. Limits (runtime/budget.py) are checked before any prefill.
+`counterfactual` answers a turn again from its cache mark with a runtime.steering.Steering applied to
+the CSA selection, and puts the session back exactly as it was.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .cache import Cache
-from .conversation import Conversation, CorpusContext, Turn
+from .cache import Cache, CacheMark
+from .config import CSA, HCA
+from .conversation import Conversation, CorpusContext, Turn, TurnMark
 from .corpus import Corpus, Layout, Limits, Skipped, Span, ingest
 from .errors import Cancelled, ContextTooLarge, EngineError, SnapshotError
 from .generate import Generation, GenerationParams, prefill
@@ -31,6 +35,7 @@ from .introspect import Capture
 from .provenance import Provenance, compute_provenance
 from .snapshot import (Fingerprints, SessionState, chat_fingerprint, corpus_fingerprint, load_snapshot,
                        save_snapshot, snapshot_info)
+from .steering import LayerMass, SelectionDiff, SpanWeight, Steered, Steering, compare
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,49 @@ class Answer:
     timings: dict
 
 
+@dataclass
+class Counterfactual:
+    """One turn answered twice from the cache mark before it: as asked (`old`) and under `steering` (`new`).
+    Weights and mass are head-averaged attention shares, averaged over each answer's tokens (runtime/steering.py)."""
+    turn: int  # index into Session.history
+    question: str
+    steering: Steering
+    params: GenerationParams  # what both answers ran with (capture on; a seed drawn to sample without one)
+    old: Answer  # the turn's answer without steering (as ask() gave it, or replayed: old_replayed)
+    new: Answer  # the same turn with the steering applied to every CSA layer's selection
+    old_replayed: bool
+    selection: dict[int, SelectionDiff]  # CSA layer -> entries picked before and not after, and vice versa
+    mass: dict[int, LayerMass]  # layer -> (window, compressed, sink) split before and after
+    spans: list[SpanWeight]  # each steered span's weight before and after, per CSA (and HCA) layer
+    timings: dict
+    describe: Callable[[int, int], str] | None = field(default=None, repr=False)  # context tokens -> "file:a-b"
+
+    @property
+    def changed(self) -> bool:
+        return self.old.token_ids != self.new.token_ids
+
+    def to_dict(self, top_sources: int = 5) -> dict:
+        """The CLI / JSON form (no entry arrays): both answers, the steering, what moved."""
+        sources = lambda a: ([] if a.provenance is None  # noqa: E731
+                             else [x.to_dict() for x in a.provenance.sources[:top_sources]])
+        r = lambda xs: [round(float(x), 6) for x in xs]  # noqa: E731
+        return {"turn": self.turn, "steering": self.steering.to_dict(), "changed": self.changed,
+                "old_answer": self.old.text, "old_stop_reason": self.old.stop_reason, "old_replayed": self.old_replayed,
+                "answer": self.new.text, "stop_reason": self.new.stop_reason, "sources": sources(self.new),
+                "selection": {str(k): v.to_dict(self.describe) for k, v in self.selection.items()},
+                "mass": {str(k): {"before": r(v.before), "after": r(v.after)} for k, v in self.mass.items()},
+                "spans": [x.to_dict() for x in self.spans],
+                "timings": {k: round(v, 4) if isinstance(v, float) else v for k, v in self.timings.items()}}
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """The last answer ask() finished, with its turn and params (a counterfactual's `old` without a replay)."""
+    turn: Turn
+    params: GenerationParams
+    answer: Answer
+
+
 _NEW = "start a new conversation to go on with the corpus"
 
 
@@ -87,6 +135,7 @@ class Session:
         self.corpus = CorpusContext(None, len(eng.preamble), self.cache.mark())
         self.chat = Conversation.for_tokenizer(eng.tokenizer)
         self.last_logits: torch.Tensor | None = None  # [vocab] next-token logits at cache.length
+        self._kept: _Kept | None = None  # the last finished answer (counterfactual's old without a replay)
         self._broken: str | None = None
         self._busy = False
 
@@ -296,7 +345,9 @@ class Session:
                    "decode_tokens": generated, "decode_s": t2 - t1,
                    "decode_tokens_per_s": generated / (t2 - t1) if t2 > t1 else 0.0,
                    "provenance_s": t3 - t2, "context_tokens": self.cache.length}
-        yield Answer(turn.answer, list(answer), gen.stop_reason, prov, timings)
+        final = Answer(turn.answer, list(answer), gen.stop_reason, prov, timings)
+        self._kept = _Kept(turn, params, final)
+        yield final
 
     def reset_chat(self) -> None:
         """Forget the conversation, keep the corpus: the cache rewinds to the corpus end (no prefill)."""
@@ -319,6 +370,142 @@ class Session:
         self.last_logits = mark.logits
         self._broken = None
         return removed
+
+    # ------------------------------------------------------------------------------------ counterfactual
+    def steering(self, exclude=(), include=(), index_topk: int | None = None) -> Steering:
+        """A Steering over this session's corpus: each span a `FILE[:START-END]` line spec (the document's
+        name in the corpus, lines 1-based inclusive) or a (start, end) range of context tokens."""
+        return Steering.from_specs(self.layout, self.offset, exclude, include, index_topk)
+
+    def counterfactual(self, steering: Steering, params: GenerationParams | None = None, turn: int = -1,
+                       stop: threading.Event | None = None,
+                       on_piece: Callable[[str, Piece], None] | None = None) -> Counterfactual:
+        """Answer turn `turn` (an index into `history`, the last by default) again with `steering` forced on
+        every CSA layer's selection, from the cache mark taken just before that turn: no corpus prefill, only
+        the turn's own prompt and answer are fed. Returns both answers and what moved (`Counterfactual`).
+
+        `old` is the Answer ask() gave for that turn when it is the last one this session finished, with
+        the same params, and ran to its end; else the turn is replayed from its mark without steering.
+        params None: those the turn was asked with (the defaults if unknown); capture is always on, and
+        sampling without a seed draws one, shared by a replayed old and the new answer. Afterwards the
+        session is exactly as before -- cache, conversation, next-token logits -- so the next question goes
+        on as if this had not happened. `on_piece("old" | "new", piece)` streams the runs' pieces; stop()
+        or `stop` ends a run early (stop_reason "stopped"). Turns restored from a snapshot have no mark."""
+        self._stop.clear()
+        if not isinstance(steering, Steering):
+            raise EngineError("a counterfactual needs a Steering: what to exclude, include or change")
+        if self._broken:
+            raise EngineError(f"this session is unusable after an error ({self._broken}); {_NEW}",
+                              code="broken", remedy="new_conversation")
+        self._check_idle()
+        t, mark = self._turn_mark(turn)
+        question = self.chat.turns[t].question
+        prompt = self._prompt_at(mark, question)
+        kept = self._kept if self._kept is not None and self._kept.turn is self.chat.turns[t] else None
+        params = replace(params or (kept.params if kept is not None else GenerationParams()), capture=True)
+        reuse = (kept is not None and replace(kept.params, capture=True) == params
+                 and kept.answer.stop_reason in ("eos", "max_new_tokens", "context_full")
+                 and (kept.answer.provenance is not None or not kept.answer.token_ids))
+        if params.temperature > 0 and params.seed is None and not reuse:
+            params = replace(params, seed=secrets.randbits(31))
+        self._check_steering(steering)
+        t0 = time.perf_counter()
+        self._busy = True
+        rollback = self.cache.checkpoint(mark.cache)
+        try:
+            old = kept.answer if reuse else self._run_turn(prompt, mark.cache, params, None, stop, on_piece, "old")
+            new = self._run_turn(prompt, mark.cache, params, steering, stop, on_piece, "new")
+        finally:
+            try:
+                rollback.restore()
+            except BaseException as e:
+                self._broken = f"{type(e).__name__} while putting the session back after a counterfactual"
+                raise
+            finally:
+                self._busy = False
+        cfg = self.engine.config
+        rates = lambda kind: {l: cfg.rate(l) for l, x in enumerate(cfg.layer_types) if x == kind}  # noqa: E731
+        selection, mass, spans = compare(old.provenance, new.provenance, steering, rates(CSA), rates(HCA),
+                                         self._describe)
+        timings = {"total_s": time.perf_counter() - t0,  # both runs; fed_tokens: what they fed (no corpus)
+                   "fed_tokens": new.timings["fed_tokens"] + (0 if reuse else old.timings["fed_tokens"])}
+        return Counterfactual(t, question, steering, params, old, new, not reuse, selection, mass, spans, timings,
+                              self._describe)
+
+    def _turn_mark(self, turn: int) -> tuple[int, TurnMark]:
+        turns = self.chat.turns
+        if not turns:
+            raise EngineError("there is no answered question to compare yet: ask one first")
+        try:
+            t = range(len(turns))[turn]
+        except (IndexError, TypeError):
+            raise EngineError(f"there is no turn {turn!r}: the conversation has {len(turns)}") from None
+        mark = next((m for m in self.chat.marks if m.turns == t), None)
+        if mark is None:
+            raise EngineError("this turn was restored from a snapshot and has no cache mark to go back to; "
+                              "ask the question again to compare")
+        return t, mark
+
+    def _prompt_at(self, mark: TurnMark, question: str) -> list[int]:
+        """The ids ask() fed for the turn that started at `mark` (laid out by Conversation.turn_ids)."""
+        c = self.chat
+        then = Conversation(c.preamble, c.user_id, c.assistant_id, c.eos_id, pending=list(mark.pending),
+                            turns=c.turns[:mark.turns])
+        ids = then.turn_ids(self.engine.tokenizer.encode(question), mark.cache.length)
+        if c.ids[mark.ids:mark.ids + len(ids)] != ids:
+            raise RuntimeError("the conversation's ids do not hold this turn's prompt where its mark says")
+        return ids
+
+    def _check_steering(self, steering: Steering) -> None:
+        """At most index_topk entries can be forced into a selection: refuse more, before any forward."""
+        cfg, limit = self.engine.config, self.engine.context_limit()[0]
+        k = steering.index_topk or cfg.index_topk
+        for layer, kind in enumerate(cfg.layer_types):
+            if kind == CSA and steering.include:
+                n = len(steering.entry_ids("include", cfg.rate(layer), limit // cfg.rate(layer) + 1))
+                if n > k:
+                    raise EngineError(f"the included spans cover {n:,} compressed entries, but a selection holds "
+                                      f"{k:,}; include less, or raise index_topk to at least {n:,}")
+
+    def _describe(self, tok_start: int, tok_end: int) -> str:
+        """'a.py:3-9; b.md:1-2' for context tokens [tok_start, tok_end) ('' outside the corpus)."""
+        return "; ".join(f"{s.name}:{s.line_start}-{s.line_end}" if s.line_start else f"{s.name} (header)"
+                         for s in self.locate(tok_start, tok_end))
+
+    def _run_turn(self, prompt: list[int], at: CacheMark, params: GenerationParams, steering: Steering | None,
+                  stop, on_piece, which: str) -> Answer:
+        """Rewind the cache to `at`, feed `prompt` and generate an answer (steered or not), with provenance."""
+        eng, tok = self.engine, self.engine.tokenizer
+        self.cache.rewind(at)
+        model = eng.model if steering is None else Steered(eng.model, steering)
+        capture = Capture()
+        t0 = time.perf_counter()
+        logits = prefill(model, prompt, self.cache, chunk_size=eng.chunk_size, capture=capture, lock=eng.guard(),
+                         trim=False)
+        first_query = self.cache.length - 1
+        t1 = time.perf_counter()
+        gen = Generation(model, self.cache, logits, params, stop_ids={tok.eos_id, tok.user_id}, capture=capture,
+                         should_stop=self._stopper(stop), max_context=eng.context_limit()[0], lock=eng.guard())
+        decoder, pieces = tok.stream_decoder(), []
+        for nxt in gen:
+            pieces.append(decoder.feed(nxt))
+            if on_piece is not None:
+                on_piece(which, Piece(len(gen.tokens) - 1, nxt, pieces[-1]))
+        tail = decoder.flush()
+        if tail and on_piece is not None:
+            on_piece(which, Piece(max(len(gen.tokens) - 1, 0), None, tail))
+        t2 = time.perf_counter()
+        answer = list(gen.tokens)
+        prov = None
+        if answer:
+            prov = compute_provenance(capture, eng.config, self.layout, self.offset,
+                                      [first_query + k for k in range(len(answer))], self.cache.length,
+                                      answer, pieces[:len(answer)])
+        timings = {"prefill_tokens": len(prompt), "prefill_s": t1 - t0,
+                   "decode_tokens": len(answer) + (gen.stop_reason == "eos"), "decode_s": t2 - t1,
+                   "provenance_s": time.perf_counter() - t2, "fed_tokens": len(prompt) + gen.fed,
+                   "context_tokens": self.cache.length}
+        return Answer("".join(pieces) + tail, answer, gen.stop_reason, prov, timings)
 
     # ------------------------------------------------------------------------------------ snapshots
     def fingerprints(self) -> Fingerprints:
@@ -365,4 +552,4 @@ class Session:
         self.corpus = CorpusContext(state.layout, len(self.engine.preamble), state.corpus_mark, state.corpus_logits)
 
 
-__all__ = ["Answer", "LoadReport", "Piece", "PrefillProgress", "Session"]
+__all__ = ["Answer", "Counterfactual", "LoadReport", "Piece", "PrefillProgress", "Session"]

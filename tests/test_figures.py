@@ -234,6 +234,11 @@ def test_format_bytes():
     lambda: F.compression_boundary(0, ratios={0: 4}),
     lambda: F.compression_boundary(100, ratios={}),
     lambda: F.cache_ledger({}, 0),
+    lambda: F.difference_heatmap({}, {}, 100),
+    lambda: F.difference_heatmap({0: np.ones(4)}, {}, 0),
+    lambda: F.overlap_bars({}),
+    lambda: F.coverage_strip([], 100),
+    lambda: F.coverage_strip([("a", np.ones(4))], 0),
 ])
 def test_empty_inputs_give_annotated_figure(make):
     fig = make()
@@ -245,6 +250,60 @@ def test_empty_inputs_give_annotated_figure(make):
 def test_all_zero_selection_renders():
     fig = F.selection_heatmap({0: np.zeros(250)}, 1000, [("a", 0, 1000)])
     assert all(t == "" for row in fig.data[0].text for t in row)
+
+
+# -- comparing and covering --------------------------------------------------
+
+def test_shared_colour_scale():
+    a, b = {1: np.array([0, 2.0, 0, 1.0])}, {1: np.array([0.5, 0, 0, 0]), 3: np.array([0, 0, 3.0, 0])}
+    assert F.shared_zmax([a, b], 16, ratio=4) == 3.0
+    assert F.shared_zmax([a, b], 16, ratio=4, max_columns=2) == 3.0  # bins of two entries: (0.5, 0), (0, 3)
+    assert F.shared_zmax([a], 16, ratio=4, max_columns=1) == 3.0 and F.shared_zmax([{}], 16) == 0.0
+    h = F.selection_heatmap(a, 16, ratio=4, zmax=3.0, title="Answer 1").data[0]
+    assert (h.zmin, h.zmax) == (0.0, 3.0)
+    assert F.selection_heatmap(a, 16, ratio=4, title="Answer 1").layout.title.text == "Answer 1"
+    assert F.selection_heatmap(a, 16, ratio=4).data[0].zmax is None  # by default: its own scale
+    assert "nothing here" in F.selection_heatmap({}, 0, empty="nothing here").layout.annotations[0].text
+
+
+def test_difference_heatmap():
+    a = {1: np.array([0, 2.0, 0, 1.0])}
+    b = {1: np.array([0, 0.5, 0, 1.0]), 3: np.array([0, 0, 3.0, 0])}
+    fig = F.difference_heatmap(a, b, 16, [("x.py", 0, 16)], ratio=4, labels=("answer 1", "answer 2"))
+    h = fig.data[0]
+    assert list(h.y) == ["L1", "L3"] and list(h.x) == [0, 4, 8, 12, 16]
+    z = np.asarray(h.z, dtype=float)
+    assert z[0][1] == -1.5 and z[0][3] == 0.0 and np.isnan(z[0][0]) and np.isnan(z[0][2])  # blank: neither picked
+    assert z[1][2] == 3.0 and np.isnan(z[1][0])  # layer 3 is b's only: a counts as 0
+    assert (h.zmin, h.zmax, h.zmid) == (-3.0, 3.0, 0.0)  # symmetric around 0
+    assert np.asarray(h.customdata)[0][1].tolist() == [2.0, 0.5]  # both values, for the hover
+    assert h.text[0][1].startswith("tokens 4–7") and h.text[0][0] == ""
+    assert "answer 2 − answer 1" in fig.layout.title.text and "answer 1: %{customdata[0]" in h.hovertemplate
+    same = F.difference_heatmap(a, a, 16, ratio=4).data[0]
+    assert (same.zmin, same.zmax) == (-1.0, 1.0)  # no difference anywhere: a unit scale, not a zero one
+
+
+def test_overlap_bars():
+    fig = F.overlap_bars({3: (2, 1, 1), 1: (0, 4, 0)}, labels=("answer 1", "answer 2"), jaccard={1: 1.0, 3: 0.25})
+    assert [t.name for t in fig.data] == ["answer 1 only", "both", "answer 2 only"]
+    assert list(fig.data[0].y) == ["L1", "L3"] and list(fig.data[0].x) == [0, 2] and list(fig.data[1].x) == [4, 1]
+    assert [a.text for a in fig.layout.annotations] == ["Jaccard 1.00", "Jaccard 0.25"]
+    assert fig.layout.annotations[1].x == 4  # at the end of L3's bar
+    assert F.overlap_bars({1: (0, 0, 0)}, jaccard={1: float("nan")}).layout.annotations[0].text == "Jaccard –"
+    with pytest.raises(ValueError):
+        F.overlap_bars({1: (1, 2)})
+
+
+def test_coverage_strip():
+    read = np.array([1, 0, 1, 1, 0], bool)  # 5 closed entries of a 22-token context (tokens 20-21: open)
+    fig = F.coverage_strip([("answer 1", read), ("any answer", np.ones(5, bool))], 22, [("a", 0, 22)], ratio=4)
+    h = fig.data[0]
+    assert list(h.y) == ["answer 1", "any answer"] and list(h.x) == [0, 4, 8, 12, 16, 20, 22]
+    z = np.asarray(h.z, dtype=float)
+    assert z[0][:5].tolist() == [1, 0, 1, 1, 0] and np.isnan(z[0][5])  # the open tokens: no entry yet
+    assert (h.zmin, h.zmax) == (0.0, 1.0) and h.text[0][1].startswith("tokens 4–7")
+    binned = np.asarray(F.coverage_strip([("r", read)], 22, ratio=4, max_columns=2).data[0].z, dtype=float)
+    assert binned[0].tolist() == [pytest.approx(2 / 3), 0.5]  # entries 0-2: two of three read; 3-4: one of two
 
 
 def test_module_is_pure():

@@ -79,7 +79,9 @@ def inspector(layout, sources=((),), prov="default"):
 # ------------------------------------------------------------------------------------ pure
 def test_imports_neither_gradio_nor_torch():
     code = ("import sys; import app.inspector_view, app.errors; "
-            "bad = {'gradio', 'torch', 'runtime'} & set(sys.modules); assert not bad, bad")
+            "bad = {'gradio', 'torch'} & set(sys.modules); assert not bad, bad; "
+            "rt = {m for m in sys.modules if m.split('.')[0] == 'runtime'}; "
+            "assert rt <= {'runtime', 'runtime.figures'}, rt")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
@@ -131,6 +133,31 @@ def test_focus():
     assert V.focus_choices(provenance()) == [("Whole answer", "all"), ("#0 '53'", "0"), ("#1 '<b>'", "1")]
 
 
+def test_focus_on_a_span():
+    assert V.parse_focus("0-1", 2) == (0, 1) and V.parse_focus((1, 0), 2) == (0, 1)
+    assert V.parse_focus(" 0-1 ", 2) == (0, 1)
+    assert V.parse_focus("1-1", 2) == 1  # a span of one token is that token
+    for bad in ("0-2", "a-b", "1--2", (0, 5), "-1-1"):
+        assert V.parse_focus(bad, 2) is None, bad
+    assert V.focus_tokens(None) is None and V.focus_tokens(1) == [1] and V.focus_tokens((2, 4)) == [2, 3, 4]
+    assert [V.focus_value(f) for f in (None, 1, (0, 1))] == ["all", "1", "0-1"]
+    prov = provenance()
+    assert V.focus_label(prov, (0, 1)) == "answer tokens #0–#1 '53<b>'" and V.focus_label(prov, None) == ""
+    assert V.focus_choices(prov, (0, 1))[:2] == [("Whole answer", "all"), ("#0–#1 '53<b>'", "0-1")]
+    assert V.answer_tokens(prov) == [(0, "53"), (1, "<b>")] and V.answer_tokens(None) == []
+    assert V.span_text(prov, (0, 1), limit=3) == "53…"
+
+
+def test_selection_of_a_span():
+    prov = provenance()
+    csa, hca = V.selection(prov, (0, 1))
+    assert csa[1].tolist() == [0, 0.7, 1.0, 0, 0.2, 0] and csa[3].tolist() == [0, 0, 0, 0, 0.3, 0]
+    assert hca[2].tolist() == pytest.approx([0.6, 0.9, 0.1])
+    counts, _ = V.selection(prov, (0, 1), counts=True)
+    assert counts[1].tolist() == [0, 1, 1, 0, 1, 0]
+    assert V.cell_position(prov, 1, 0, (0, 1), columns=2) == 8  # entry 2 (1.0) outweighs entry 1 (0.7)
+
+
 # ------------------------------------------------------------------------------------ corpus text
 def test_describe_names_file_and_lines(layout):
     assert V.describe(layout, OFFSET, 4, 8) == "a.py:2-5"
@@ -167,7 +194,9 @@ def test_parse_target():
     assert V.parse_target("cell:3:17") == V.Target("cell", 3, 17)
     assert V.parse_target("pos:1024") == V.Target("pos", 1024)
     assert V.parse_target("file:dir/a:b.py:12") == V.Target("file", 12, name="dir/a:b.py")  # ':' in a name
-    for bad in ("", "src:1", "cell:a:b", "pos:", "file:x.py", "file::3", "open:1", None):
+    assert V.parse_target("file:a-b.py:3-9") == V.Target("file", 3, 9, name="a-b.py")  # a range of lines
+    for bad in ("", "src:1", "cell:a:b", "pos:", "file:x.py", "file::3", "open:1", "file:x.py:3-", "file:x.py:3-a",
+                None):
         with pytest.raises(InputError, match="nothing to open"):
             V.parse_target(bad)
 
@@ -211,6 +240,8 @@ def test_open_a_file_line(layout):
     with pytest.raises(InputError, match="no corpus is loaded"):
         V.Inspector().open("file:b.md:2", None)
     assert inspector(layout, prov=None).open("file:a.py:1", None).heat == [0.0] * 8  # no answer yet: no heat
+    v = ins.open("file:a.py:2-4", None)  # a range (a never-read region)
+    assert v.target == (2, 4) and v.first_line == 1
 
 
 def test_first_view(layout):
@@ -244,8 +275,60 @@ def test_figures_of_one_token(layout):
     assert "answer token" not in heat.layout.title.text
 
 
+def test_figures_of_a_span(layout):
+    heat, mass, hca, _ = inspector(layout).figures(focus=(0, 1))
+    assert "answer tokens #0–#1 &#x27;53&lt;b&gt;&#x27;" in heat.layout.title.text
+    assert hca.layout.title.text.endswith("for answer tokens #0–#1")
+    z = np.asarray(heat.data[0].z, dtype=float)
+    assert z[0][2] == pytest.approx(1.0) and z[0][1] == pytest.approx(0.7)  # summed over the span's tokens
+    whole, *_ = inspector(layout).figures()
+    assert not np.array_equal(np.nan_to_num(z), np.nan_to_num(np.asarray(whole.data[0].z, dtype=float)))
+    heat, *_ = inspector(layout).figures(focus=(0, 5))  # past the answer's tokens: the whole answer
+    assert "answer token" not in heat.layout.title.text
+
+
 def test_figures_before_any_answer(layout):
     heat, mass, hca, boundary = inspector(layout, prov=None).figures()
     assert "ask a question" in heat.layout.annotations[0].text and not heat.data
     assert not mass.data and not hca.data and boundary.data  # the boundary needs only the context length
     assert "No context yet" in V.Inspector().figures()[3].layout.annotations[0].text
+
+
+# ------------------------------------------------------------------------------------ across answers
+def test_coverage_through_the_inspector(layout):
+    from app import analysis as A
+
+    ins = V.Inspector(layout, OFFSET, provenance(), [[], []], SHAPE, N_CONTEXT,
+                      summaries=[None, A.summarize(provenance())], questions=["first?", "second?"])
+    cov = ins.coverage()
+    assert [(d.name, d.read, d.entries) for d in cov.docs] == [("a.py", 2, 3), ("b.md", 1, 2)]
+    assert [r.target for r in cov.regions()] == ["file:b.md:1-2", "file:a.py:1"]
+    assert ins.open(cov.regions()[0].target, None).target == (1, 2)  # a region opens the viewer at its lines
+    fig = ins.coverage_figure(cov)
+    assert list(fig.data[0].y) == ["answer 2", "any answer"]  # answer 1 has no record
+    assert np.asarray(fig.data[0].z, dtype=float)[0].tolist() == [0, 1, 1, 0, 1, 0]
+    assert "No answers yet" in V.Inspector(layout, OFFSET).coverage_figure().layout.annotations[0].text
+
+
+def test_compare_through_the_inspector(layout):
+    from app import analysis as A
+
+    later = provenance()
+    later.csa = {1: np.array([0, 0.5, 0, 0.5, 0, 0]), 3: np.array([0, 0, 0, 0, 0.4, 0])}
+    later.csa_counts = {1: np.array([0, 1, 0, 1, 0, 0]), 3: np.array([0, 0, 0, 0, 1, 0])}
+    ins = V.Inspector(layout, OFFSET, later, [[source("a.py", 2, 5)], [source("a.py", 4, 4)], []], SHAPE, N_CONTEXT,
+                      summaries=[A.summarize(provenance()), A.summarize(later), None],
+                      questions=["What is  the code?", "And\nthe other?", "failed"])
+    assert ins.answer_choices() == [("answer 1: What is the code?", "0"), ("answer 2: And the other?", "1")]
+    assert ins.default_pair() == (0, 1)
+    assert ins.parse_answer("1") == 1 and ins.parse_answer("2") is None and ins.parse_answer("x") is None
+    heat_a, heat_b, diff, overlap = ins.compare_figures(0, 1)
+    assert heat_a.data[0].zmax == heat_b.data[0].zmax == pytest.approx(0.5)  # one colour scale
+    assert heat_a.layout.title.text.startswith("Answer 1") and heat_b.layout.title.text.startswith("Answer 2")
+    d = np.asarray(diff.data[0].z, dtype=float)
+    assert d[0].tolist()[1:5] == pytest.approx([0, -0.25, 0.5, -0.1]) and np.isnan(d[0][0])
+    assert [t.name for t in overlap.data] == ["answer 1 only", "both", "answer 2 only"]
+    assert list(overlap.data[1].x) == [1, 1]
+    assert ins.comparison(0, 1).shared == [(0, 0)]
+    empty = ins.compare_figures(None, 1)
+    assert all(not f.data for f in empty) and "Ask two questions" in empty[0].layout.annotations[0].text

@@ -1,6 +1,7 @@
 """The page's panels, each a module with `build(ctx) -> <Panel>` (its components, laid out where it is
-called) and `wire(ctx, ...)` (its events): header.py, corpus.py, chat.py, inspector.py. app/ui.py
-composes them into one gr.Blocks.
+called) and `wire(ctx, ...)` (its events): header.py, corpus.py, chat.py, inspector.py (whose tabs across
+answers, coverage.py and compare.py, follow the same pattern inside it). app/ui.py composes them into one
+gr.Blocks.
 
 A panel's `views(...)` returns {component: value} for its outputs, so a job that refreshes several
 panels merges their dicts (gradio takes a dict keyed by output components).
