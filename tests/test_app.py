@@ -121,8 +121,6 @@ def test_missing_model_is_shown_not_raised(tmp_path):
 
 
 def test_bad_inputs_leave_the_session_usable(app, tmp_path):
-    from gradio_client import handle_file
-
     demo, url = app
     c = client(url)
     good = write_files(tmp_path / "good", {"notes.txt": lines("cloud", needle_at=3)})
