@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -121,6 +122,14 @@ class SessionFiles:
 
     def uploads(self, key: str) -> Path:
         return self.root / "uploads" / key_digest(key)
+
+    def exports(self, key: str) -> Path:
+        """A new folder for one export of session `key` (reports, traces, figures), removed with its uploads
+        when the session ends (gradio copies what a download returns into its own cache)."""
+        base = self.uploads(key) / "exports"
+        base.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=base))
+        return folder
 
     def hold(self, key: str, snapshot: str | Path) -> None:
         """Session `key` uses `snapshot` (ignored unless it is one of ours: the library is not)."""

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import runtime
+import runtime.probe
+import runtime.trace
 from runtime import Answer, GenerationParams, LonglensError, Piece
 
 from .errors import AppError, InputError, code_of, explain
@@ -102,6 +104,12 @@ class Workspace:
         self.own_snapshots: list[str] = []
         self.notice = ""  # shown once with the next status (e.g. a spill that could not be saved)
         self._lines = LineCache()  # documents split into lines, for the source viewer
+        self.corpus = None  # the ingested runtime Corpus (None after a snapshot load: rebuilt from the layout)
+        self.info: dict = {}  # runtime.trace.session_info of the corpus: model name, fingerprints, index_topk
+        self.target = ""  # the viewer target the user opened last ('src:..', 'cell:..', 'file:..'): counterfactual
+        self.loaded = None  # a trace read from a file: (runtime Trace, its Provenance), shown until the next answer
+        self.counterfactual_result = None  # the last runtime Counterfactual (its two answers' provenances)
+        self.needles = None  # the last runtime NeedleGrid
 
     # ------------------------------------------------------------------------------------ residency
     @property
@@ -176,6 +184,7 @@ class Workspace:
                 self._forget_corpus()
             raise
         self._adopt(report)
+        self.corpus = corpus
         return report
 
     def _take(self, paths: Sequence[str], root: str | Path) -> None:
@@ -225,6 +234,8 @@ class Workspace:
         s = self.session
         self.report, self.layout, self.offset, self.docs = report, s.layout, s.offset, s.docs()
         self.turns, self.focus = [], None
+        self.corpus, self.target, self.loaded, self.counterfactual_result, self.needles = None, "", None, None, None
+        self.info = runtime.trace.session_info(s) if s.layout is not None else {}
         self._lines.clear()
         if report.snapshot is not None:
             if str(report.snapshot) not in self.own_snapshots:
@@ -235,6 +246,7 @@ class Workspace:
 
     def _forget_corpus(self) -> None:
         self.layout, self.docs, self.turns, self.focus, self.report = None, [], [], None, None
+        self.corpus, self.info, self.target, self.loaded, self.counterfactual_result = None, {}, "", None, None
         self._lines.clear()
         self.n_tokens, self.cache_bytes, self.dense_bytes = 0, {}, 0
 
@@ -255,6 +267,7 @@ class Workspace:
         """Stream one turn: the TurnView, updated after every piece, then finished."""
         turn = TurnView(question.strip(), note=note)
         self.turns.append(turn)
+        self.loaded = self.counterfactual_result = None  # the inspector follows the new answer
         self.stop_event.clear()
         try:
             for item in self.session.ask(turn.question, params, stop=self.stop_event):
@@ -309,13 +322,73 @@ class Workspace:
     def clear(self) -> None:
         """Forget the conversation, keep the corpus (no prefill: the cache rewinds)."""
         self.session.reset_chat()
-        self.turns, self.focus = [], None
+        self.turns, self.focus, self.loaded, self.counterfactual_result = [], None, None, None
         self.refresh_memory()
 
     # ------------------------------------------------------------------------------------ inspector
     @property
     def provenance(self):
+        """What the Selection tab shows: a loaded trace's provenance, else the last answer's."""
+        if self.loaded is not None:
+            return self.loaded[1]
         return self.turns[-1].provenance if self.turns else None
+
+    # ------------------------------------------------------------------------------------ views of issue 22
+    def counterfactual(self, exclude: Sequence = (), include: Sequence = (), index_topk: int | None = None,
+                       params: GenerationParams | None = None):
+        """The last answer again with `exclude` / `include` (line specs or (start, end) context tokens) forced
+        out of / into every CSA layer's top-k, or another index_topk, from the cache mark before it (no
+        prefill); the session is exactly as before afterwards. Returns the runtime Counterfactual."""
+        if not self.turns:
+            raise InputError("ask a question first: a counterfactual answers it again", code="nothing_to_undo")
+        steering = self.session.steering(exclude=list(exclude), include=list(include), index_topk=index_topk)
+        self.stop_event.clear()
+        self.counterfactual_result = self.session.counterfactual(steering, params, stop=self.stop_event)
+        return self.counterfactual_result
+
+    def corpus_for_probe(self):
+        """The loaded corpus as a runtime Corpus (rebuilt from the layout's texts after a snapshot load)."""
+        if self.layout is None:
+            raise InputError("load a corpus first: the needles are planted into your documents", code="input")
+        if self.corpus is not None:
+            return self.corpus
+        from runtime.corpus import Corpus, Document
+        return Corpus([Document(d.name, text, "text") for d, text in zip(self.layout.documents, self.layout.texts)])
+
+    def needle_grid(self, depths: Sequence[float], documents: Sequence[str] | None, per_context: str, seed: int,
+                    progress: Callable | None = None):
+        """Plant needles into a copy of the corpus (in memory; the files stay), ask for each (a session of its
+        own: a second cache while it runs) and keep the runtime NeedleGrid."""
+        corpus = self.corpus_for_probe()
+        self.stop_event.clear()
+        self.needles = runtime.probe.needle_grid(self.engine, corpus, depths=list(depths),
+                                                 documents=list(documents) if documents else None, seed=int(seed),
+                                                 per_context=per_context, progress=progress, stop=self.stop_event)
+        return self.needles
+
+    def load_trace(self, path: str | Path) -> object:
+        """Show a trace file (a Longlens JSON, an HTML report or an SGLang response) over this corpus in the
+        Selection tab. Raises a runtime TraceError (or InputError) with the workspace as it was."""
+        if self.layout is None:
+            raise InputError("load the corpus the trace was made over first", code="input")
+        cfg = self.engine.config if self.engine is not None else None
+        trace = runtime.trace.read_trace(path, config=cfg, documents=self.docs, offset=self.offset,
+                           tokenizer=getattr(self.engine, "tokenizer", None))
+        problems = trace.mismatches(self.info.get("model", ""), self.info.get("tokenizer", ""))
+        if problems:
+            raise InputError("; ".join(problems) + ": its positions would not line up with this model", code="input")
+        prov = trace.to_provenance(self.layout, self.offset, config=cfg)
+        self.loaded, self.focus = (trace, prov), None
+        return trace
+
+    def answer_trace(self):
+        """The runtime Trace of what the Selection tab shows: a loaded trace, else the last answer."""
+        if self.loaded is not None:
+            return self.loaded[0]
+        if not self.turns or self.turns[-1].provenance is None:
+            raise InputError("nothing to export yet: ask a question first", code="input")
+        t = self.turns[-1]
+        return runtime.trace.Trace.from_provenance(t.provenance, t.question, t.answer, stop_reason=t.stop_reason, **self.info)
 
     def inspector(self) -> Inspector:
         """The inspector's view-model over this workspace's data (app/inspector_view.py)."""

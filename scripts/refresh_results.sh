@@ -3,8 +3,9 @@
 # leaves the tree as it was). Each is written only after its test passed:
 #   screenshot  assets/screenshot.png, the README's picture: the shipped model in Debian's chromium
 #               (tests/test_browser.py::test_drop_ask_inspect)
-#   views       assets/screenshots/{token-span,coverage,compare}.png, the README's pictures of the inspector's
-#               views, likewise (tests/test_browser_analysis.py::test_token_span_coverage_compare)
+#   views       assets/screenshots/{token-span,coverage,compare,counterfactual,needles,export}.png, the README's
+#               pictures of the inspector's views, likewise (tests/test_browser_analysis.py::
+#               test_token_span_coverage_compare, tests/test_browser_views.py)
 #   load        bench/results/load.json: 8 concurrent sessions against `python launch.py`, three waves
 #               (tests/test_load.py::test_eight_concurrent_sessions; BENCHMARKS.md, "Load test")
 # Usage: bash scripts/refresh_results.sh [screenshot] [views] [load]      (all when none is named)
@@ -21,7 +22,7 @@ for w in "${what[@]}"; do
             tests+=(tests/test_browser.py::test_drop_ask_inspect) ;;
         views)
             [ -x /usr/bin/chromium ] || { echo "views needs /usr/bin/chromium (apt-get install -y chromium)" >&2; exit 1; }
-            tests+=(tests/test_browser_analysis.py::test_token_span_coverage_compare) ;;
+            tests+=(tests/test_browser_analysis.py::test_token_span_coverage_compare tests/test_browser_views.py) ;;
         load) tests+=(tests/test_load.py::test_eight_concurrent_sessions) ;;
         *) echo "unknown: $w (screenshot, views, load)" >&2; exit 2 ;;
     esac

@@ -59,7 +59,9 @@ class ComparePanel:
 def build(ctx: Context) -> ComparePanel:
     with gr.Tab(TITLE, id="compare", elem_id="ll-tab-compare"):
         gr.HTML('<div class="ll-muted">Two answers of this conversation: where each one\'s sparse attention '
-                'looked (one colour scale), where they differ, and how much of what they picked they share.</div>')
+                'looked (one colour scale), where they differ, and how much of what they picked they share. '
+                'For one question under two top-k values, use the Counterfactual tab with only index_topk '
+                'set.</div>')
         with gr.Row():
             a = gr.Dropdown(choices=[], value=None, label="answer A", interactive=True, elem_id="ll-compare-a",
                             allow_custom_value=True)

@@ -3,8 +3,10 @@
 - Selection: for the whole last answer, one answer token or a span of them (the answer's tokens are
   chips: click one, shift-click another), the CSA selection heatmap, the attention mass split, the
   HCA weights and the compression boundary;
-- the views across answers, one tab each (`TABS`): Coverage (app/panels/coverage.py) and Compare
-  (app/panels/compare.py).
+- the views across answers, one tab each (`TABS`): Coverage (app/panels/coverage.py), Compare
+  (app/panels/compare.py), Counterfactual (app/panels/counterfactual.py: the last answer again with spans
+  excluded or included, or another index_topk), Needles (app/panels/needles.py: facts planted into a copy
+  of the corpus) and Export (app/panels/export.py: HTML report, traces, figures; a trace loaded back).
 
 What it shows is computed by the view-models (app/inspector_view.py, app/analysis.py; pure) from the
 workspace's plain data; this module lays it out and wires the clicks. A click on a source chip, a
@@ -13,8 +15,8 @@ hidden gr.HTML) as a viewer target; `open_source` takes the same targets through
 
 A further view is a module like coverage.py -- `build(ctx)` opens its gr.Tab and returns a panel
 with `outputs` and `views(ws)` (its refresh after a corpus load or an answer); `wire(ctx, panel,
-inspector)` -- listed in `TABS`. Next to come: counterfactual (answer again with spans excluded or
-included), needles in your documents, and export (HTML report, JSON trace).
+inspector)` -- listed in `TABS`. The viewer's last target is kept (`Workspace.target`): the
+Counterfactual tab's "exclude this" takes it.
 """
 
 from __future__ import annotations
@@ -28,11 +30,10 @@ from runtime import figures as F
 from .. import inspector_view as V
 from .. import render as R
 from ..errors import InputError
-from . import Context, compare, coverage
+from . import Context, compare, counterfactual, coverage, export, needles
 
-# The views across answers, one tab each, in this order (see the module docstring); counterfactual,
-# needles and export go here next.
-TABS = (coverage, compare)
+# The views across answers, one tab each, in this order (see the module docstring).
+TABS = (coverage, compare, counterfactual, needles, export)
 
 BRIDGE_JS = (Path(__file__).resolve().parents[1] / "bridge.js").read_text()
 
@@ -114,6 +115,7 @@ class InspectorPanel:
         ws.focus = None
         model = ws.inspector()
         first = model.first()
+        ws.target = f"src:{len(ws.turns) - 1}:0" if isinstance(first, V.SourceView) and ws.turns else ""
         out = {**dict(zip(self.plots, model.figures())), **self.focus_views(ws),
                self.viewer: R.source_view(first) if isinstance(first, V.SourceView) else R.placeholder(first)}
         for tab in self.tabs:
@@ -173,7 +175,9 @@ def wire(ctx: Context, inspector: InspectorPanel) -> None:
     def open_source(target, request: gr.Request):
         ws = ctx.workspace(request)
         try:
-            return R.source_view(ws.inspector().open(str(target or ""), ws.focus))
+            view = R.source_view(ws.inspector().open(str(target or ""), ws.focus))
+            ws.target = str(target or "")  # what "exclude this" takes (the Counterfactual tab)
+            return view
         except InputError as e:
             return R.placeholder(str(e))
 
