@@ -24,7 +24,7 @@ Pure: numpy and the standard library; no gradio, no torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
