@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import runtime
-import runtime.probe
-import runtime.trace
 from runtime import Answer, GenerationParams, LonglensError, Piece
 
 from .errors import AppError, InputError, code_of, explain
@@ -235,7 +233,7 @@ class Workspace:
         self.report, self.layout, self.offset, self.docs = report, s.layout, s.offset, s.docs()
         self.turns, self.focus = [], None
         self.corpus, self.target, self.loaded, self.counterfactual_result, self.needles = None, "", None, None, None
-        self.info = runtime.trace.session_info(s) if s.layout is not None else {}
+        self.info = runtime.session_info(s) if s.layout is not None else {}
         self._lines.clear()
         if report.snapshot is not None:
             if str(report.snapshot) not in self.own_snapshots:
@@ -352,8 +350,7 @@ class Workspace:
             raise InputError("load a corpus first: the needles are planted into your documents", code="input")
         if self.corpus is not None:
             return self.corpus
-        from runtime.corpus import Corpus, Document
-        return Corpus([Document(d.name, text, "text") for d, text in zip(self.layout.documents, self.layout.texts)])
+        return runtime.Corpus([runtime.Document(d.name, text, "text") for d, text in zip(self.layout.documents, self.layout.texts)])
 
     def needle_grid(self, depths: Sequence[float], documents: Sequence[str] | None, per_context: str, seed: int,
                     progress: Callable | None = None):
@@ -361,7 +358,7 @@ class Workspace:
         own: a second cache while it runs) and keep the runtime NeedleGrid."""
         corpus = self.corpus_for_probe()
         self.stop_event.clear()
-        self.needles = runtime.probe.needle_grid(self.engine, corpus, depths=list(depths),
+        self.needles = runtime.needle_grid(self.engine, corpus, depths=list(depths),
                                                  documents=list(documents) if documents else None, seed=int(seed),
                                                  per_context=per_context, progress=progress, stop=self.stop_event)
         return self.needles
@@ -372,7 +369,7 @@ class Workspace:
         if self.layout is None:
             raise InputError("load the corpus the trace was made over first", code="input")
         cfg = self.engine.config if self.engine is not None else None
-        trace = runtime.trace.read_trace(path, config=cfg, documents=self.docs, offset=self.offset,
+        trace = runtime.read_trace(path, config=cfg, documents=self.docs, offset=self.offset,
                            tokenizer=getattr(self.engine, "tokenizer", None))
         problems = trace.mismatches(self.info.get("model", ""), self.info.get("tokenizer", ""))
         if problems:
@@ -388,7 +385,7 @@ class Workspace:
         if not self.turns or self.turns[-1].provenance is None:
             raise InputError("nothing to export yet: ask a question first", code="input")
         t = self.turns[-1]
-        return runtime.trace.Trace.from_provenance(t.provenance, t.question, t.answer, stop_reason=t.stop_reason, **self.info)
+        return runtime.Trace.from_provenance(t.provenance, t.question, t.answer, stop_reason=t.stop_reason, **self.info)
 
     def inspector(self) -> Inspector:
         """The inspector's view-model over this workspace's data (app/inspector_view.py)."""

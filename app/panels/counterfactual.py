@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from runtime import SCOPE_NOTE
 from runtime import figures as F
-from runtime.steering import SCOPE_NOTE
 
 from .. import errors as E
 from .. import views as W

@@ -23,8 +23,7 @@ from html import escape
 
 import gradio as gr
 
-from runtime.report import ExportError, report_figures, write_figures, write_report
-from runtime.trace import write_trace
+from runtime import ExportError, report_figures, write_figures, write_report, write_trace
 
 from .. import errors as E
 from .. import inspector_view as V
