@@ -121,3 +121,14 @@ def browser():
                               args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         yield b
         b.close()
+
+
+@pytest.fixture(scope="module")
+def shipped_server(tmp_path_factory):
+    """`python launch.py` with the shipped model in a process of its own (uploads up to 1 MB each), with its
+    own snapshot and gradio folders: what the browser tests drive."""
+    from live_server import Server
+
+    tmp = tmp_path_factory.mktemp("server")
+    with Server(SHIPPED, tmp / "snapshots", "--max-file-size", "1mb", temp_dir=tmp / "gradio") as s:
+        yield s

@@ -21,7 +21,6 @@ import shutil
 import pytest
 
 from helpers import ASSETS, REPO, SHIPPED
-from live_server import Server
 
 ARTIFACTS = REPO / "artifacts"
 SCREENSHOTS = ASSETS / "screenshots"
@@ -76,18 +75,11 @@ def ask(page, question: str, turn: int) -> None:
                            ".includes(`of answer ${t}`)", arg=turn, timeout=60_000)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("analysis")
-    with Server(SHIPPED, tmp / "snapshots", "--max-file-size", "1mb", temp_dir=tmp / "gradio") as s:
-        yield s
-
-
-def test_token_span_coverage_compare(server, browser, tmp_path):
+def test_token_span_coverage_compare(shipped_server, browser, tmp_path):
     files = [EXAMPLES / n for n in ("lighthouse_log.md", "notes.txt", "tides.csv", "harbor.py")]
     files.append(almanac(tmp_path / "almanac.md"))
     page = browser.new_page(viewport={"width": 1440, "height": 1100})
-    page.goto(server.url)
+    page.goto(shipped_server.url)
     page.wait_for_selector("#ll-drop", timeout=30_000)
     page.set_input_files("#ll-drop input[type=file]", [str(p) for p in files])
     page.wait_for_selector("#ll-status .ll-ok, #ll-status .ll-warn", timeout=120_000)

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, SHIPPED
-from live_server import Server
 
 ARTIFACTS = REPO / "artifacts"
 N_FILES = 300
@@ -62,16 +61,9 @@ def overlap(a: dict, b: dict) -> bool:
     return a["left"] < b["right"] and b["left"] < a["right"] and a["top"] < b["bottom"] and b["top"] < a["bottom"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("panels")
-    with Server(SHIPPED, tmp / "snapshots", "--max-file-size", "1mb", temp_dir=tmp / "gradio") as s:
-        yield s
-
-
-def test_a_large_corpus_stays_inside_its_panel(server, browser, tmp_path):
+def test_a_large_corpus_stays_inside_its_panel(shipped_server, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1440, "height": 1000})
-    page.goto(server.url)
+    page.goto(shipped_server.url)
     page.wait_for_selector("#ll-drop", timeout=30_000)
     page.set_input_files("#ll-drop input[type=file]", str(source_tree_zip(tmp_path)))
     page.wait_for_selector("#ll-status .ll-ok, #ll-status .ll-warn", timeout=120_000)

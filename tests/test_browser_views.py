@@ -20,7 +20,6 @@ import shutil
 import pytest
 
 from helpers import ASSETS, REPO, SHIPPED
-from live_server import Server
 
 ARTIFACTS = REPO / "artifacts"
 SCREENSHOTS = ASSETS / "screenshots"
@@ -45,18 +44,11 @@ def shot(page, name: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("views")
-    with Server(SHIPPED, tmp / "snapshots", temp_dir=tmp / "gradio") as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def page(server, browser):
+def page(shipped_server, browser):
     """The sample corpus loaded and the lighthouse question answered."""
     context = browser.new_context(viewport={"width": 1440, "height": 1200}, accept_downloads=True)
     page = context.new_page()
-    page.goto(server.url)
+    page.goto(shipped_server.url)
     page.wait_for_selector("#ll-drop", timeout=30_000)
     page.set_input_files("#ll-drop input[type=file]", [str(p) for p in sorted(EXAMPLES.iterdir()) if p.is_file()])
     page.wait_for_selector("#ll-status .ll-ok, #ll-status .ll-warn", timeout=120_000)

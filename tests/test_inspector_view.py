@@ -13,9 +13,6 @@ CSA layers 1 and 3 (rate 4: entry w covers context [4w, 4w + 4)), HCA layer 2 (r
 """
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,7 +22,6 @@ from app import inspector_view as V
 from app.errors import InputError
 from runtime.corpus import Corpus, Document, Layout
 
-REPO = Path(__file__).resolve().parent.parent
 A_LINES = [f"alpha line {i}" for i in range(1, 9)]
 B_LINES = [f"beta line {i}" for i in range(1, 5)]
 OFFSET = 2
@@ -77,14 +73,6 @@ def inspector(layout, sources=((),), prov="default"):
 
 
 # ------------------------------------------------------------------------------------ pure
-def test_imports_neither_gradio_nor_torch():
-    code = ("import sys; import app.inspector_view, app.errors; "
-            "bad = {'gradio', 'torch'} & set(sys.modules); assert not bad, bad; "
-            "rt = {m for m in sys.modules if m.split('.')[0] == 'runtime'}; "
-            "assert rt <= {'runtime', 'runtime.figures'}, rt")
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
-
-
 # ------------------------------------------------------------------------------------ selection
 def test_selection_of_the_whole_answer():
     prov = provenance()

@@ -137,3 +137,17 @@ def test_the_cycle_finder_finds_cycles():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"a"}, "b": set()}) == [["a"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+@pytest.mark.parametrize("modules", ["app.inspector_view, app.errors", "app.analysis, app.render, app.views"])
+def test_pure_app_modules_import_neither_gradio_nor_torch(modules):
+    """The view-models test without gradio or a model: importing them pulls in neither, and of the runtime
+    only its package and the pure figures."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; import {modules}; "
+            "bad = {'gradio', 'torch'} & set(sys.modules); assert not bad, bad; "
+            "rt = {m for m in sys.modules if m.split('.')[0] == 'runtime'}; "
+            "assert rt <= {'runtime', 'runtime.figures', 'runtime.errors'}, rt")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
