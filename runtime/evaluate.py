@@ -37,10 +37,9 @@ from pathlib import Path
 
 import torch
 
-from .config import CSA
 from . import tasks as T
 from .generate import GenerationParams, generate, prefill
-from .introspect import Capture
+from .introspect import Capture, span_ranks
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "assets" / "model"
@@ -112,11 +111,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def _covering(span: tuple[int, int], rate: int) -> set[int]:
-    a, b = span
-    return set(range(a // rate, (b - 1) // rate + 1))
-
-
 def answer_ids(model, tok, prompt: list[int], cache, max_new_tokens: int, capture: Capture | None = None,
                chunk: int = 8192) -> list[int]:
     """Greedy answer ids to a chat `prompt` continuing `cache`, through the generation core with the app's
@@ -128,27 +122,8 @@ def answer_ids(model, tok, prompt: list[int], cache, max_new_tokens: int, captur
 
 def _selection(model, capture: Capture, query_pos: int, value_tokens: tuple[int, int]):
     """(share of CSA layers whose top-k held an entry covering the value, best 1-based rank or None per layer)."""
-    cfg = model.config
-    hits, ranks = [], []
-    for layer in capture.layers:
-        if cfg.layer_types[layer] != CSA:
-            continue
-        rec = capture.record(layer)
-        idx = (rec.positions == query_pos).nonzero()
-        if len(idx) == 0:
-            continue
-        i = int(idx[0, 0])
-        sel, scr = rec.selected[0, i], rec.scores[0, i]
-        cover = _covering(value_tokens, cfg.compress_rates[CSA])
-        order = torch.argsort(scr, descending=True, stable=True)
-        rank = None
-        for r, j in enumerate(order.tolist()):
-            if int(sel[j]) in cover:
-                rank = r + 1
-                break
-        hits.append(rank is not None)
-        ranks.append(rank)
-    return (sum(hits) / len(hits) if hits else float("nan")), ranks
+    ranks = span_ranks(capture, model.config, query_pos, [value_tokens])[0]
+    return (sum(r is not None for r in ranks) / len(ranks) if ranks else float("nan")), ranks
 
 
 def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5, 0.75, 1.0), seed: int = 0,

@@ -72,3 +72,28 @@ class Capture:
             sel = scr = None
         return LayerRecord(layer, parts[0].layer_type, torch.cat([p.positions for p in parts]),
                            cat([p.mass for p in parts]), sel, scr, cat(weights))
+
+
+def span_ranks(capture: Capture, config, query: int, spans) -> list[list[int | None]]:
+    """Per token span [a, b), per CSA layer that captured the query at position `query`: the best 1-based
+    rank (by index score) among that query's top-k picks of an entry covering the span, or None (entry w
+    of rate m covers tokens [w*m, (w+1)*m)). How `eval niah` and the needle grid read selection."""
+    out: list[list[int | None]] = [[] for _ in spans]
+    m = config.compress_rates[CSA]
+    for layer in capture.layers:
+        if config.layer_types[layer] != CSA:
+            continue
+        rec = capture.record(layer)
+        row = (rec.positions == query).nonzero()
+        if len(row) == 0:
+            continue
+        sel, scores = rec.selected[0, int(row[0, 0])], rec.scores[0, int(row[0, 0])]
+        rank_of: dict[int, int] = {}
+        for r, j in enumerate(torch.argsort(scores, descending=True, stable=True).tolist()):
+            e = int(sel[j])
+            if e >= 0 and e not in rank_of:
+                rank_of[e] = r + 1
+        for k, (a, b) in enumerate(spans):
+            hits = [rank_of[w] for w in range(a // m, (b - 1) // m + 1) if w in rank_of]
+            out[k].append(min(hits) if hits else None)
+    return out

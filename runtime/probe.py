@@ -49,12 +49,11 @@ from typing import Callable, Sequence
 import torch
 
 from . import tasks as T
-from .config import CSA
 from .corpus import Corpus, ingest
 from .engine import Engine
 from .errors import Cancelled, EngineError
 from .generate import Generation, GenerationParams, prefill
-from .introspect import Capture
+from .introspect import Capture, span_ranks
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MODES = ("all", "one")
@@ -460,30 +459,6 @@ def _ask(session, question: str, max_new_tokens: int, capture: Capture) -> tuple
     return ids, gen.stop_reason, query
 
 
-def _ranks(config, capture: Capture, query: int, spans: Sequence[tuple[int, int]]) -> list[list[int | None]]:
-    """Per span, per CSA layer: the best 1-based rank (by index score) among the query's top-k picks of an
-    entry covering the span, or None (entry w of rate m covers tokens [w*m, (w+1)*m), as in eval niah)."""
-    out: list[list[int | None]] = [[] for _ in spans]
-    m = config.compress_rates[CSA]
-    for layer in capture.layers:
-        if config.layer_types[layer] != CSA:
-            continue
-        rec = capture.record(layer)
-        row = (rec.positions == query).nonzero()
-        if len(row) == 0:
-            continue
-        sel, scores = rec.selected[0, int(row[0, 0])], rec.scores[0, int(row[0, 0])]
-        rank_of: dict[int, int] = {}
-        for r, j in enumerate(torch.argsort(scores, descending=True, stable=True).tolist()):
-            e = int(sel[j])
-            if e >= 0 and e not in rank_of:
-                rank_of[e] = r + 1
-        for k, (a, b) in enumerate(spans):
-            hits = [rank_of[w] for w in range(a // m, (b - 1) // m + 1) if w in rank_of]
-            out[k].append(min(hits) if hits else None)
-    return out
-
-
 def _edits(a: str, b: str) -> int:
     prev = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):
@@ -597,7 +572,7 @@ def needle_grid(engine, corpus: Corpus | Sequence[str | os.PathLike], depths: in
             cap = Capture()
             cap_tokens = max_new_tokens or len(tok.encode(needle.value)) + 8
             ids, reason, query = _ask(session, needle.question, cap_tokens, cap)
-            ranks = _ranks(cfg, cap, query, spans)  # every needle of the context, to compare with the asked one
+            ranks = span_ranks(cap, cfg, query, spans)  # every needle of the context, to compare with the asked one
             mine = ranks[k]
             best = [r for r in mine if r is not None]
             other_best = [r for j, rs in enumerate(ranks) if j != k for r in rs if r is not None]

@@ -156,7 +156,8 @@ def test_selection_is_eval_niahs(shipped_engine, docs):
     """The probe's ranks are runtime/evaluate.py's _selection on the same capture."""
     from runtime import Capture
     from runtime.evaluate import _selection
-    from runtime.probe import _ask, _ranks, _value_tokens
+    from runtime.introspect import span_ranks
+    from runtime.probe import _ask, _value_tokens
 
     planted, needles = plant_needles(ingest([docs]), [0.3], documents=2, seed=4)
     session = shipped_engine.new_session()
@@ -165,7 +166,7 @@ def test_selection_is_eval_niahs(shipped_engine, docs):
     cap = Capture()
     _, _, query = _ask(session, needles[0].question, 4, cap)
     assert session.cache.length == session.corpus.mark.length  # rewound to the corpus
-    ranks = _ranks(shipped_engine.config, cap, query, spans)
+    ranks = span_ranks(cap, shipped_engine.config, query, spans)
     for span, r in zip(spans, ranks):
         recall, expect = _selection(shipped_engine.model, cap, query, span)
         assert r == expect and recall == sum(x is not None for x in r) / len(r)
