@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         model_dir=args.model, device=args.device, dtype=args.dtype, max_file_bytes=parse_size(args.max_file_size),
         max_files=args.max_files, max_context=args.max_context, max_sessions=args.max_sessions,
         snapshot_dir=args.snapshot_dir, concurrency=args.concurrency)
+    import runtime
+
+    # Under torchrun every rank loads its shard; ranks > 0 follow rank 0's model operations until it stops.
+    if runtime.follow_if_follower(settings.model_dir, settings.device, settings.resolved_dtype()):
+        return 0
     demo, launch_kwargs = build_demo(settings)
     print(f"Longlens: model {args.model} on {settings.resolved_device()}", flush=True)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)

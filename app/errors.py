@@ -27,6 +27,7 @@ TITLES = {
     "snapshot": ("This snapshot cannot be used", "error"),
     "no_model": ("No model is loaded", "error"),
     "nothing_to_undo": ("Nothing to retry", "warn"),
+    "rank_failed": ("A GPU process of the model stopped; the app is shutting down", "error"),
 }
 # remedy -> the action the page offers for it
 HINTS = {"new_conversation": CLEAR_CHAT_HINT, "stop": STOP_HINT}

@@ -31,6 +31,7 @@ _EXPORTS = {
     "Trace": "trace", "TraceError": "trace", "from_sglang": "trace", "to_sglang": "trace", "read_trace": "trace",
     "write_trace": "trace", "session_info": "trace", "write_report": "report", "read_report": "report", "write_figures": "report",
     "report_html": "report", "SCOPE_NOTE": "steering", "report_figures": "report", "figure_image": "report", "ExportError": "report",
+    "follow_if_follower": "cluster", "lead_if_distributed": "cluster", "RankFailed": "cluster",
     "needle_grid": "probe", "plant_needles": "probe", "Needle": "probe", "NeedleCell": "probe",
     "NeedleGrid": "probe", "ProbeProgress": "probe",
 }

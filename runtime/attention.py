@@ -23,6 +23,7 @@ import torch.nn as nn
 from .cache import CompressorState, LayerCache
 from .config import CSA, SLIDING, ModelConfig
 from .layers import RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq, unweighted_rms_norm
+from .parallel import SINGLE, Shard, all_reduce
 from .timing import region
 
 NEG_INF = float("-inf")
@@ -249,19 +250,22 @@ def _prefiltered_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
 class Attention(nn.Module):
     timer = None  # a runtime.timing.LayerTimer while one is attached (Transformer.attach_timer)
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, shard: Shard = SINGLE):
         super().__init__()
-        self.cfg, self.layer = cfg, layer
+        self.cfg, self.layer, self.shard = cfg, layer, shard
         self.layer_type = cfg.layer_types[layer]
-        H, d = cfg.num_attention_heads, cfg.head_dim
+        # Under tensor parallelism this rank holds H / world query heads and o_groups / world output groups
+        # (runtime/parallel.py); everything below works on the local ones, and wo_b's partial sums are added.
+        H, d = cfg.num_attention_heads // shard.world, cfg.head_dim
         self.n_heads, self.head_dim, self.window = H, d, cfg.sliding_window
+        self.o_groups = cfg.o_groups // shard.world
         self.wq_a = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
         self.wq_b = nn.Linear(cfg.q_lora_rank, H * d, bias=False)
         self.wkv = nn.Linear(cfg.hidden_size, d, bias=False)
         self.kv_norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.wo_a = nn.Linear(H * d // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)
-        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size, bias=False)
+        self.wo_a = nn.Linear(cfg.num_attention_heads * d // cfg.o_groups, self.o_groups * cfg.o_lora_rank, bias=False)
+        self.wo_b = nn.Linear(self.o_groups * cfg.o_lora_rank, cfg.hidden_size, bias=False)
         self.attn_sink = nn.Parameter(torch.zeros(H, dtype=torch.float32))
         self.compressor = self.indexer = None
         if self.layer_type != SLIDING:
@@ -319,10 +323,11 @@ class Attention(nn.Module):
         o = run(q, keys, positions, entries, iq, iw, ikeys, capture, steer)  # [B, S, H, d]
         o = apply_rope(o, cos[:, None], -sin[:, None])  # undo the values' rotation at the query position
 
-        G = self.cfg.o_groups
+        G = self.o_groups
         o = o.reshape(B, S, G, -1)  # [B, S, G, H*d/G]; group g holds heads g*H/G .. (g+1)*H/G-1
-        u = torch.einsum("bsgi,gri->bsgr", o, self.wo_a.weight.view(G, self.cfg.o_lora_rank, -1))
-        return self.wo_b(u.flatten(2))
+        wo_a = self.wo_a.dequantized(o.dtype) if hasattr(self.wo_a, "dequantized") else self.wo_a.weight
+        u = torch.einsum("bsgi,gri->bsgr", o, wo_a.view(G, self.cfg.o_lora_rank, -1))
+        return all_reduce(self.wo_b(u.flatten(2)), self.shard)
 
     # -----------------------------------------------------------------------------------------
     def _window_mask(self, positions: torch.Tensor, n_keys: int, start: int = 0) -> torch.Tensor:
@@ -447,7 +452,10 @@ class Attention(nn.Module):
     def _record(self, capture, positions, probs, n_window, sel, sel_scores, entries, dense=False):
         """Hands what this block attended to to the capture (head-averaged; read-only). `dense`: probs has a
         column per entry (eager), not one per pick."""
-        p = probs.mean(dim=1)  # [B, Sq, keys + 1]
+        if self.shard.active:  # the mean over all heads: this rank's head sum, added across ranks
+            p = all_reduce(probs.sum(dim=1), self.shard) / self.cfg.num_attention_heads
+        else:
+            p = probs.mean(dim=1)  # [B, Sq, keys + 1]
         mass = torch.stack([p[..., :n_window].sum(-1), p[..., n_window:-1].sum(-1), p[..., -1]], dim=-1)
         comp = p[..., n_window:-1]
         if sel is not None and dense:  # eager: one column per entry (also when every entry is picked)

@@ -141,19 +141,63 @@ def _kind(dtype: torch.dtype) -> str:
     return "floating" if dtype.is_floating_point else "complex" if dtype.is_complex else "integer/bool"
 
 
+def quantized_weights(folder) -> dict[str, str]:
+    """From headers alone: official name -> "fp8" or "fp4" for every weight stored quantised with a scale."""
+    folder = Path(folder)
+    with ExitStack() as stack:
+        handles = _open(folder, stack)
+        tensors, scales = _plan(handles)
+        kinds = {}
+        for name, (path, raw) in tensors.items():
+            if name.removesuffix(".weight") + ".scale" not in scales:
+                continue
+            dt = handles[path].get_slice(raw).get_dtype()
+            kinds[name] = "fp8" if dt.startswith("F8") else "fp4"
+        return kinds
+
+
+def _open(folder: Path, stack: ExitStack) -> dict:
+    handles = {}
+    for path in _shard_files(folder):
+        try:
+            handles[path] = stack.enter_context(safe_open(path, framework="pt"))
+        except Exception as e:
+            raise CheckpointError(f"{path.name}: not a readable safetensors file ({e})") from None
+    return handles
+
+
+def _scale_window(name: str, cut: tuple[int, int, int], dtype: torch.dtype, block: tuple[int, int],
+                  full: int) -> tuple[int, int, int]:
+    """(dim, start, stop) of the scales under weight slice `cut` = (dim, a, b) of an axis `full` long."""
+    dim, a, b = cut
+    if dtype == torch.float8_e4m3fn:
+        step = block[dim]
+    elif dim == 0:  # FP4: a scale per row and per 32 elements of it
+        step = 1
+    else:  # FP4 columns are packed bytes, two elements each
+        a, b, full, step = 2 * a, 2 * b, 2 * full, 32
+    if a % step or (b % step and b != full):
+        raise CheckpointError(f"{name}: this rank's slice [{a}, {b}) of axis {dim} does not fall on the "
+                              f"{step}-element quantisation blocks; choose a world size whose slices do")
+    return dim, a // step, -(-b // step)
+
+
 def load_state_dict(folder, expected: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                    dtype: torch.dtype, slices=None, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Each tensor goes to `device` as soon as it is read and converted, so host memory holds one at a time.
+    `slices(name)` (runtime.parallel.slice_of, bound to a config and shard): None = whole tensor,
+    (dim, start, stop) = read only that slice, False = another rank's tensor, skipped. A quantised weight
+    whose `.scale` is in `expected` is kept as stored (FP8 e4m3 / FP4 packed int8, with its scale);
+    otherwise it is dequantised into `dtype`."""
     folder = Path(folder)
     config = read_config(folder) if (folder / "config.json").exists() else {}
     block = tuple((config.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+    slices = slices or (lambda name: None)
     with ExitStack() as stack:
-        handles = {}
-        for path in _shard_files(folder):
-            try:
-                handles[path] = stack.enter_context(safe_open(path, framework="pt"))
-            except Exception as e:
-                raise CheckpointError(f"{path.name}: not a readable safetensors file ({e})") from None
+        handles = _open(folder, stack)
         tensors, scales = _plan(handles)
+        tensors = {n: v for n, v in tensors.items() if slices(n) is not False}
+        scales = {n: v for n, v in scales.items() if slices(n) is not False}
 
         # Name checks come first, from headers alone, so a wrong checkpoint fails before any data is read.
         unexpected = sorted(set(tensors) - set(expected))
@@ -162,53 +206,91 @@ def load_state_dict(folder, expected: dict[str, tuple[tuple[int, ...], torch.dty
             source = {**tensors, **scales}
             listing = ", ".join(f"{n} (stored as {source[n][1]} in {source[n][0].name})" for n in unexpected[:10])
             raise CheckpointError(f"{len(unexpected)} unexpected tensor(s) in {folder}: {listing}")
-        missing = sorted(set(expected) - set(tensors))
+        missing = sorted(set(expected) - set(tensors) - set(scales))
         if missing:
             more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
             raise CheckpointError(f"{len(missing)} tensor(s) missing from {folder}: {', '.join(missing[:10])}{more}")
 
-        def read(path: Path, raw: str) -> torch.Tensor:
+        def read(path: Path, raw: str, index=None) -> torch.Tensor:
+            """The tensor, or only `index` (a tuple of slices / an int) of it: a rank reads just its part."""
             try:
-                return handles[path].get_tensor(raw)
+                if index is None:
+                    return handles[path].get_tensor(raw)
+                return handles[path].get_slice(raw)[index]
             except Exception as e:
                 raise CheckpointError(f"{raw}: cannot read from {path.name} ({e})") from None
 
+        def window(cut, shape) -> tuple:
+            dim, a, b = cut
+            return tuple(slice(None) if i != dim else slice(a, b) for i in range(len(shape)))
+
         out: dict[str, torch.Tensor] = {}
-        fused: tuple[str, torch.Tensor] | None = None  # the fused transformers expert tensor being split
         for name, (path, raw) in tensors.items():  # header order: file by file
-            if _FUSED.search(canonical_name(raw)):
-                if fused is None or fused[0] != raw:
-                    fused = (raw, read(path, raw))
-                t, e, w = fused[1], int(name.split(".")[-3]), name.split(".")[-2]
-                half = t.shape[1] // 2
-                t = t[e] if w == "w2" else t[e, :half] if w == "w1" else t[e, half:]
+            cut = slices(name)
+            if fused := _FUSED.search(canonical_name(raw)):
+                # one fused transformers tensor [E, ...] stands for E expert tensors: read expert e's part
+                e, w = int(name.split(".")[-3]), name.split(".")[-2]
+                half = handles[path].get_slice(raw).get_shape()[1] // 2
+                rows = slice(None) if w == "w2" else slice(0, half) if w == "w1" else slice(half, 2 * half)
+                t = read(path, raw, (e, rows))
             else:
-                t = read(path, raw)
+                shape = handles[path].get_slice(raw).get_shape()
+                t = read(path, raw, None if cut is None else window(cut, shape))
             scale_name = name.removesuffix(".weight") + ".scale"
             where = f"in {path.name}"
             if scale_name in scales:
-                scale = read(*scales[scale_name])
+                spath, sraw = scales[scale_name]
+                kept = scale_name in expected  # kept quantised: as stored, checked, not converted
+                scut = None
+                if cut is not None:
+                    try:
+                        scut = _scale_window(name, cut, t.dtype, block, handles[path].get_slice(raw).get_shape()[cut[0]])
+                    except CheckpointError:
+                        if kept:
+                            raise
+                        # dequantised anyway: read the whole weight, dequantise, then cut this rank's slice
+                        t = read(path, raw)
+                sshape = handles[spath].get_slice(sraw).get_shape()
+                scale = read(spath, sraw, None if scut is None else window(scut, sshape))
+                if kept:
+                    _check_quantized(name, t, scale, block, where)
+                    out[name] = _check(name, t if t.dtype == torch.float8_e4m3fn else t.view(torch.int8),
+                                       expected, where).contiguous().to(device)
+                    out[scale_name] = _check(scale_name, scale, expected, where).contiguous().to(device)
+                    continue
                 t = _dequantize(name, t, scale, block, where)
+                if cut is not None and scut is None:
+                    t = t[window(cut, t.shape)]
             elif t.dtype in (torch.float8_e4m3fn, torch.float4_e2m1fn_x2):
                 raise CheckpointError(f"{name}: quantised {t.dtype} weight without a scale {where}")
-            shape, want = expected[name]
-            if tuple(t.shape) != tuple(shape):
-                raise CheckpointError(f"{name}: expected shape {tuple(shape)}, checkpoint has {tuple(t.shape)} {where}")
-            if _kind(t.dtype) != _kind(want):
-                raise CheckpointError(f"{name}: expected {want} ({_kind(want)}), checkpoint has {t.dtype} {where}")
+            t = _check(name, t, expected, where)
             if t.is_floating_point():  # rebinding t drops the raw tensor: one copy at a time
                 t = t.to(torch.float32 if KEEP_FP32.search(name) else dtype)
-            out[name] = t.contiguous()
+            out[name] = t.contiguous().to(device)
         return out
 
 
-def _dequantize(name: str, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], where: str) -> torch.Tensor:
+def _check(name: str, t: torch.Tensor, expected: dict, where: str) -> torch.Tensor:
+    shape, want = expected[name]
+    if tuple(t.shape) != tuple(shape):
+        raise CheckpointError(f"{name}: expected shape {tuple(shape)}, checkpoint has {tuple(t.shape)} {where}")
+    if _kind(t.dtype) != _kind(want):
+        raise CheckpointError(f"{name}: expected {want} ({_kind(want)}), checkpoint has {t.dtype} {where}")
+    return t
+
+
+def _check_quantized(name, w, scale, block, where) -> None:
     if w.dtype not in _QUANT_DTYPES or not scale.is_floating_point() or w.dim() != 2:
         raise CheckpointError(f"{name}: {w.dtype} {tuple(w.shape)} weight with {scale.dtype} scale {where}: not FP8/FP4")
     fp8, (out, inp) = w.dtype == torch.float8_e4m3fn, w.shape
-    # FP8: ceil for the ragged edge blocks; FP4: two elements per byte, one scale per 32 logical elements
     want = (-(-out // block[0]), -(-inp // block[1])) if fp8 else (out, 2 * inp // 32)
     if tuple(scale.shape) != want:
         raise CheckpointError(f"{name}: scale shape {tuple(scale.shape)} for weight {tuple(w.shape)} "
                               f"{w.dtype}, expected {want} {where}")
+
+
+def _dequantize(name: str, w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], where: str) -> torch.Tensor:
+    # FP8: ceil for the ragged edge blocks; FP4: two elements per byte, one scale per 32 logical elements
+    _check_quantized(name, w, scale, block, where)
+    fp8 = w.dtype == torch.float8_e4m3fn
     return dequantize_fp8(w, scale, block) if fp8 else dequantize_fp4(w, scale, 32)

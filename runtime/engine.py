@@ -42,7 +42,7 @@ class Engine:
         self.chunk_size = chunk_size
         self.index_dtype = index_dtype  # indexer keys of every session cache (see runtime.cache.Cache)
         self.budget = Budget(cfg, model.dtype, index_dtype, max_context_tokens, memory_budget_bytes,
-                             chat_reserve_tokens)
+                             chat_reserve_tokens, device=model.device)
         self.model_dir = None if model_dir is None else Path(model_dir)
         self._model_fp = model_fingerprint
         self._tok_fp: str | None = None
@@ -60,7 +60,10 @@ class Engine:
                               f"(config.json + *.safetensors)")
         tok_path = model_dir / "tokenizer.json"
         tokenizer = Tokenizer.from_file(tok_path if tok_path.is_file() else DEFAULT_TOKENIZER)
-        return cls(load_model(model_dir, device=device, dtype=dtype), tokenizer, model_dir=model_dir, **kw)
+        from .cluster import lead_if_distributed
+
+        model = lead_if_distributed(load_model(model_dir, device=device, dtype=dtype))  # rank 0 under torchrun
+        return cls(model, tokenizer, model_dir=model_dir, **kw)
 
     @property
     def preamble(self) -> list[int]:

@@ -15,6 +15,7 @@ the caller offers), never on class names or message text:
     no_model             no model is loaded (app)                             -
     snapshot             a snapshot that cannot be used                      -
     corpus               unusable input files                                 -
+    rank_failed          a model rank (torch.distributed) stopped answering   -
 
 Pure: imports neither torch nor gradio.
 """
@@ -22,7 +23,7 @@ Pure: imports neither torch nor gradio.
 from __future__ import annotations
 
 CODES = ("bad_request", "context_too_large", "conversation_full", "busy", "broken", "cancelled",
-         "nothing_to_undo", "no_model", "snapshot", "corpus")
+         "nothing_to_undo", "no_model", "snapshot", "corpus", "rank_failed")
 REMEDIES = (None, "new_conversation", "stop")
 
 

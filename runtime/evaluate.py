@@ -135,14 +135,15 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
     seed, examples (question, answer, output, ok, recall, ranks, first, prompt tokens).
     per_haystack "all": each haystack holds one item per depth (the others are distractors for each
     question); "one": every depth gets haystacks of its own with a single item (classic NIAH)."""
+    from .cluster import lead_if_distributed
     from .model import load_model
     from .tokenizer import Tokenizer
 
     if kind not in KINDS:
         raise ValueError(f"unknown eval kind {kind!r}; expected one of {KINDS}")
     model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL
-    if model is None:
-        model = load_model(model_dir)
+    if model is None:  # under torchrun: rank 0 drives the ranks' shards (runtime/cluster.py)
+        model = lead_if_distributed(load_model(model_dir))
     model.eval()
     if tokenizer is None:
         tokenizer = Tokenizer.from_file(model_dir / "tokenizer.json") if (model_dir / "tokenizer.json").is_file() \

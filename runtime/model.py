@@ -19,6 +19,7 @@ from .cache import Cache
 from .config import ConfigError, ModelConfig
 from .layers import RMSNorm, hc_collapse, hc_expand, hc_weights, rope_inv_freq, unweighted_rms_norm
 from .moe import MoE
+from .parallel import SINGLE, Shard, all_reduce, gather_last
 from .timing import region
 
 
@@ -27,14 +28,14 @@ class Block(nn.Module):
 
     timer = None  # a runtime.timing.LayerTimer while one is attached (Transformer.attach_timer)
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, shard: Shard = SINGLE):
         super().__init__()
         self.cfg = cfg
         n, D = cfg.hc_mult, cfg.hidden_size
         self.attn_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps)
-        self.attn = Attention(cfg, layer)
-        self.ffn = MoE(cfg, layer)
+        self.attn = Attention(cfg, layer, shard)
+        self.ffn = MoE(cfg, layer, shard)
         for site in ("attn", "ffn"):  # mHC parameters are kept in fp32
             setattr(self, f"hc_{site}_fn", nn.Parameter(torch.zeros((2 + n) * n, n * D, dtype=torch.float32)))
             setattr(self, f"hc_{site}_base", nn.Parameter(torch.zeros((2 + n) * n, dtype=torch.float32)))
@@ -65,16 +66,20 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """`shard` (runtime/parallel.py): this rank's slice under tensor/expert parallelism; called with the same
+    inputs on every rank, each call returns the same full logits everywhere."""
+
     timer = None  # see attach_timer
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard = SINGLE):
         super().__init__()
-        self.config = cfg
+        self.config, self.shard = cfg, shard
         n, D = cfg.hc_mult, cfg.hidden_size
-        self.embed = nn.Embedding(cfg.vocab_size, D)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        V = cfg.vocab_size // shard.world  # embedding rows and head outputs of this rank's vocabulary slice
+        self.embed = nn.Embedding(V, D)
+        self.layers = nn.ModuleList(Block(cfg, i, shard) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(D, cfg.rms_norm_eps)
-        self.head = nn.Linear(D, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(D, V, bias=False)
         self.hc_head_fn = nn.Parameter(torch.zeros(n, n * D, dtype=torch.float32))
         self.hc_head_base = nn.Parameter(torch.zeros(n, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.zeros(1, dtype=torch.float32))
@@ -122,7 +127,7 @@ class Transformer(nn.Module):
             raise ValueError(f"{cache.length + S + position_offset} positions exceed max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         positions = torch.arange(cache.length, cache.length + S, device=input_ids.device)
-        x = self.embed(input_ids)
+        x = self._embed(input_ids)
         streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, S, n, D]
         keep = keep if 0 < keep < S else 0
         last = len(self.layers) - 1
@@ -139,6 +144,15 @@ class Transformer(nn.Module):
             x = hc_collapse(streams, pre)
         return self.norm(x)
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.shard.active:
+            return self.embed(ids)
+        lo = self.shard.rank * self.embed.num_embeddings
+        local = ids - lo
+        outside = (local < 0) | (local >= self.embed.num_embeddings)
+        x = self.embed(local.masked_fill(outside, 0)).masked_fill(outside[..., None], 0)
+        return all_reduce(x, self.shard)  # one rank holds each id's row; the others add zeros
+
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, capture=None,
                 logits_to_keep: int = 0, steering=None) -> torch.Tensor:
         """Logits [B, S, vocab] (float) continuing the sequence in `cache` (a fresh one if None).
@@ -147,7 +161,8 @@ class Transformer(nn.Module):
         steering: see `hidden` and runtime/steering.py (counterfactual selection).
         """
         cache = cache if cache is not None else self.new_cache(input_ids.shape[0])
-        return self.head(self.hidden(input_ids, cache, capture, logits_to_keep, steering=steering)).float()
+        logits = self.head(self.hidden(input_ids, cache, capture, logits_to_keep, steering=steering)).float()
+        return gather_last(logits, self.shard)  # [B, S, vocab] on every rank
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> "Transformer":
@@ -194,24 +209,51 @@ class Transformer(nn.Module):
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               ) -> Transformer:
-    """A model from a folder holding config.json and safetensors weights (any supported spelling)."""
-    from .checkpoint import KEEP_FP32, load_state_dict, read_config
+               quantized: str = "keep") -> Transformer:
+    """A model from a folder holding config.json and safetensors weights (any supported spelling).
 
+    Under an initialised process group (runtime/parallel.py) it is this rank's shard, read slice by slice
+    from the checkpoint; a world size that does not split the model is refused before anything is read.
+    quantized: "keep" holds FP8 / FP4 weights as stored (runtime/qlinear.py dequantises them on the fly, so
+    they take about their file size); "dequantize" expands them into `dtype` at load. `dtype` is that of
+    everything else: the other weights, the activations and the cache.
+    """
+    from . import parallel
+    from .checkpoint import KEEP_FP32, load_state_dict, quantized_weights, read_config
+
+    if quantized not in ("keep", "dequantize"):
+        raise ValueError(f"quantized must be 'keep' or 'dequantize', got {quantized!r}")
+    raw = read_config(path)
     try:
-        cfg = ModelConfig.from_dict(read_config(path))
+        cfg = ModelConfig.from_dict(raw)
     except ConfigError as e:  # name the file: the message alone only names the key
         raise ConfigError(f"{Path(path) / 'config.json'}: {str(e).removeprefix('config.json: ')}") from None
+    shard = parallel.current()
+    parallel.check_world_size(cfg, shard.world)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg, shard)
+        kinds = quantized_weights(path) if quantized == "keep" else {}
+        if kinds:
+            from .qlinear import FP4Linear, FP8Linear
+
+            block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+            for name, kind in kinds.items():
+                if parallel.slice_of(name, cfg, shard) is False:
+                    continue  # another rank's expert
+                parent, _, leaf = name.removesuffix(".weight").rpartition(".")
+                owner = model.get_submodule(parent)
+                lin = getattr(owner, leaf)
+                setattr(owner, leaf, FP8Linear(lin.in_features, lin.out_features, block) if kind == "fp8"
+                        else FP4Linear(lin.in_features, lin.out_features))
     expected = {}
     for name, t in model.state_dict().items():
-        kept = t.dtype if not t.is_floating_point() else torch.float32 if KEEP_FP32.search(name) else dtype
+        kept = t.dtype if not t.is_floating_point() or name.endswith(".scale") else \
+            torch.float32 if KEEP_FP32.search(name) else dtype
         expected[name] = (tuple(t.shape), kept)
-    state = load_state_dict(path, expected, dtype)
+    device = torch.device(device)
+    state = load_state_dict(path, expected, dtype, lambda n: parallel.slice_of(n, cfg, shard), device)
     model.load_state_dict(state, assign=True, strict=True)
     for mod in model.modules():  # non-persistent buffers (rope tables) are rebuilt off the meta device
         if isinstance(mod, Attention):
             mod.inv_freq = rope_inv_freq(cfg, compress=mod.compressor is not None)
     return model.to(device).eval()
-

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .parallel import SINGLE, Shard, all_reduce
 
 
 class Expert(nn.Module):
@@ -60,11 +61,17 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    """Routed experts keyed by their global index (`experts.E`); under expert parallelism this rank holds
+    only its own range of them, runs those on the tokens routed there, and the routed sums are added across
+    ranks before the (replicated) shared expert."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, shard: Shard = SINGLE):
         super().__init__()
         I, D = cfg.moe_intermediate_size, cfg.hidden_size
+        self.shard, self.n_experts = shard, cfg.n_routed_experts
         self.gate = Gate(cfg, cfg.mlp_layer_types[layer] == "hash_moe")
-        self.experts = nn.ModuleList(Expert(D, I, cfg.swiglu_limit) for _ in range(cfg.n_routed_experts))
+        lo, hi = shard.span(cfg.n_routed_experts)
+        self.experts = nn.ModuleDict({str(e): Expert(D, I, cfg.swiglu_limit) for e in range(lo, hi)})
         self.shared_experts = Expert(D, I, cfg.swiglu_limit)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -75,14 +82,15 @@ class MoE(nn.Module):
         # Each expert runs once on the tokens routed to it (a python loop over experts with work).
         flat = idx.flatten()
         order = flat.argsort()
-        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
         token_of = order // idx.shape[1]
         weight_of = w.flatten()[order]
         start = 0
         for e, c in enumerate(counts):
-            if c:
+            expert = self.experts[str(e)] if c and str(e) in self.experts else None  # None: another rank's
+            if expert is not None:
                 tok = token_of[start : start + c]
-                y = self.experts[e](x[tok]) * weight_of[start : start + c, None]
+                y = expert(x[tok]) * weight_of[start : start + c, None]
                 out.index_add_(0, tok, y.to(out.dtype))
             start += c
-        return (out + self.shared_experts(x)).view(shape)
+        return (all_reduce(out, self.shard) + self.shared_experts(x)).view(shape)

@@ -77,21 +77,23 @@ def quantize_fp4(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.
 
 
 def save_official(state_dict: dict[str, torch.Tensor], folder, config: dict, quantize: bool = False,
-                  shards: int = 1) -> None:
-    """Write config.json + safetensors in official naming; FP8/FP4 like the released checkpoint if `quantize`."""
+                  shards: int = 1, block: int = 128) -> None:
+    """Write config.json + safetensors in official naming; FP8/FP4 like the released checkpoint if `quantize`
+    (FP8 in `block` x `block` tiles: 128 as released; tiny test models use smaller ones so that a rank's
+    slice of a few dozen rows still starts on a block)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = dict(config)
     tensors: dict[str, torch.Tensor] = {}
     for name, t in state_dict.items():
         if quantize and (FP8_NAMES.search(name) or FP4_NAMES.search(name)):
-            q, s = (quantize_fp8 if FP8_NAMES.search(name) else quantize_fp4)(t)
+            q, s = quantize_fp8(t, block) if FP8_NAMES.search(name) else quantize_fp4(t)
             tensors[name], tensors[name.removesuffix(".weight") + ".scale"] = q, s
         else:
             tensors[name] = t.contiguous()
     if quantize:
         config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
-                                         "weight_block_size": [128, 128]}
+                                         "weight_block_size": [block, block]}
         config["expert_dtype"] = "fp4"
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     if shards == 1:

@@ -548,8 +548,11 @@ class Session:
         except ValueError as e:
             raise SnapshotError(f"damaged snapshot ({e})") from None
         self._clear()
-        self.cache, self.chat, self.last_logits = state.cache, chat, state.last_logits
-        self.corpus = CorpusContext(state.layout, len(self.engine.preamble), state.corpus_mark, state.corpus_logits)
+        cache, corpus_mark = state.cache, state.corpus_mark
+        if hasattr(self.engine.model, "adopt"):  # under torchrun: every rank takes a copy of the loaded cache
+            cache, (corpus_mark,) = self.engine.model.adopt(cache, corpus_mark)
+        self.cache, self.chat, self.last_logits = cache, chat, state.last_logits
+        self.corpus = CorpusContext(state.layout, len(self.engine.preamble), corpus_mark, state.corpus_logits)
 
 
 __all__ = ["Answer", "Counterfactual", "LoadReport", "Piece", "PrefillProgress", "Session"]
