@@ -115,6 +115,15 @@ def _log(msg: str) -> None:
 
 
 def run_worker(spec: dict, env: dict, timeout: float | None) -> dict:
+    from runtime.parallel import current
+
+    if current().active:  # under torchrun: in this process, every rank in step (see main)
+        from .worker import run
+
+        t = time.perf_counter()
+        res, rc = run(spec)
+        res.update(worker_wall_s=time.perf_counter() - t, worker_rc=rc, in_process=True, world_size=current().world)
+        return res
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         sp, op = Path(tmp, "spec.json"), Path(tmp, "out.json")
         sp.write_text(json.dumps(spec))
@@ -174,6 +183,19 @@ def main(argv=None) -> int:
         raise SystemExit("--decode-tokens must be >= 1")
     import torch
 
+    from runtime.parallel import init_from_env, under_torchrun
+
+    if under_torchrun():
+        # Every rank runs this same loop and its model calls in step (the Python API is collective); workers
+        # run in-process (peak memory is then the run's, not per length), and rank 0 alone reports.
+        if args.compare or not args.model:
+            raise SystemExit("under torchrun, python -m bench measures a checkpoint folder (--model DIR) without "
+                             "--compare")
+        shard, device = init_from_env(args.device)
+        args.device = str(device)  # cuda:LOCAL_RANK on GPUs
+        if shard.rank:
+            args.write_md, args.json = None, None
+            sys.stdout = open(os.devnull, "w")
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     model_spec, hf_dir = resolve_model(args)

@@ -266,6 +266,16 @@ def main(argv=None) -> int:
     with open(spec_path) as f:
         spec = json.load(f)
     limit = set_memory_guard(spec.get("mem_limit_bytes"), spec["device"])
+    res, code = run(spec)
+    res["mem_limit_bytes"] = limit
+    with open(out_path, "w") as f:
+        json.dump(res, f)
+    return code
+
+
+def run(spec: dict) -> tuple[dict, int]:
+    """One spec measured in this process: (result, exit code). Under torchrun every rank calls this with the
+    same spec, in step: the model calls inside are collective."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -282,10 +292,8 @@ def main(argv=None) -> int:
         status, code = ("memory-guard" if oom else "error"), (3 if oom else 1)
         res = {"kind": spec.get("kind", "runtime"), "context": spec["context"], "error": msg,
                "traceback": traceback.format_exc()[-4000:], "memory": {"rss": proc_status()}}
-    res.update(status=status, pid=os.getpid(), mem_limit_bytes=limit, threads=torch.get_num_threads())
-    with open(out_path, "w") as f:
-        json.dump(res, f)
-    return code
+    res.update(status=status, pid=os.getpid(), threads=torch.get_num_threads())
+    return res, code
 
 
 if __name__ == "__main__":

@@ -27,8 +27,11 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=3)
     p.add_argument("--quantized", default="keep")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--die-after", type=int, default=0, help="rank 1 vanishes after this many operations")
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.die_after:
+        return vanishing_follower(args)
     shard, device = init_from_env("cpu")
     model = load_model(args.model, device, getattr(torch, args.dtype), quantized=args.quantized)
     ids = torch.randint(model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
@@ -47,8 +50,47 @@ def main() -> None:
     buffers = {n: b.dtype for n, b in model.named_buffers()}
     torch.save({"logits": torch.cat(logits, dim=1), "records": records, "world": shard.world,
                 "weight_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+                "expert_bytes": sum(t.numel() * t.element_size() for n, t in model.state_dict().items()
+                                    if ".ffn.experts." in n),
                 "dtypes": {str(d) for d in buffers.values()} | {str(p.dtype) for p in model.parameters()}},
                f"{args.out}.{shard.rank}.pt")
+
+
+def vanishing_follower(args) -> None:
+    """Rank 1 follows for a few operations, then its process ends without a word (as if killed); rank 0 must
+    notice, fail the call with RankFailed, call on_failure, and not hang."""
+    import os
+    import time
+
+    import runtime.cluster as cluster
+
+    shard, device = cluster.connect("cpu")
+    model = load_model(args.model, device)
+    if shard.rank:
+        count = 0
+        real_send = cluster._send
+
+        def send(message):
+            nonlocal count
+            count += 1
+            if count > args.die_after:
+                os._exit(0)  # exit status 0: torchrun leaves rank 0 running, so rank 0 must find out itself
+            return real_send(message)
+        cluster._send = send
+        cluster.follow(model)
+        return
+    failures = []
+    leader = cluster.Leader(model, on_failure=failures.append)
+    cache = leader.new_cache()
+    t0, outcome = time.monotonic(), "no failure seen"
+    try:
+        for _ in range(50):
+            leader(torch.tensor([[1, 2, 3]]), cache)
+    except cluster.RankFailed as e:
+        outcome = f"RankFailed code={e.code}"
+    with open(f"{args.out}.0.txt", "w") as f:
+        f.write(f"{outcome}\nfailures={len(failures)}\nseconds={time.monotonic() - t0:.1f}\n")
+    os._exit(0)
 
 
 if __name__ == "__main__":

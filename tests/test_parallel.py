@@ -110,8 +110,9 @@ def test_quantized_checkpoint_kept_quantized_across_ranks(tmp_path, world):
     assert one["weight_bytes"] < ref["weight_bytes"] / 2
     assert torch.equal(one["logits"], ref["logits"])  # the reference matmuls dequantise exactly
     assert_same_run(one, ranks)
-    # each rank holds its slice: about 1/world of the experts' bytes, not the whole model
-    assert ranks[0]["weight_bytes"] < one["weight_bytes"] * 0.75
+    # each rank holds its slice: 1/world of the routed experts' (packed) bytes, and less than the whole
+    assert ranks[0]["expert_bytes"] * world == one["expert_bytes"]
+    assert ranks[0]["weight_bytes"] < one["weight_bytes"]
 
 
 def test_world_size_refused_before_loading(tmp_path):
@@ -173,3 +174,13 @@ def test_engine_ask_under_torchrun_matches_one_process(tmp_path):
     again = _ask(model, corpus, tmp_path / "snap2", 2)  # rank 0 reads the snapshot; every rank adopts it
     assert again["timings"]["corpus_source"] == "snapshot"
     assert again["answer"] == one["answer"] and [key(s) for s in again["sources"]] == [key(s) for s in one["sources"]]
+
+
+def test_dead_rank_fails_the_call_and_does_not_hang(tmp_path):
+    model = write_checkpoint(tmp_path / "m", parallel_config())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
+           "--model", str(model), "--out", str(tmp_path / "die"), "--die-after", "3"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    report = (tmp_path / "die.0.txt").read_text() if (tmp_path / "die.0.txt").exists() else done.stderr[-3000:]
+    assert "RankFailed code=rank_failed" in report and "failures=1" in report, report
