@@ -39,7 +39,8 @@ class Server:
     """`python launch.py --model M --port P --snapshot-dir D [args]`, started and waited for."""
 
     def __init__(self, model_dir, snapshot_dir, *args: str, temp_dir=None, env: dict | None = None,
-                 timeout: float = 90):
+                 timeout: float = 90, ranks: int = 1):
+        """ranks > 1: under `torchrun --standalone --nproc-per-node ranks` (gloo on this CPU)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.snapshot_dir = Path(snapshot_dir)
@@ -49,8 +50,12 @@ class Server:
                     "HF_HUB_OFFLINE": "1", "GRADIO_HEARTBEAT_INTERVAL": "0.5", **(env or {})}
         if temp_dir is not None:
             full_env["GRADIO_TEMP_DIR"] = str(temp_dir)
+        for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            full_env.pop(k, None)
+        runner = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+                                     if ranks > 1 else [])
         self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "launch.py"), "--model", str(model_dir), "--host", "127.0.0.1",
+            [*runner, str(REPO / "launch.py"), "--model", str(model_dir), "--host", "127.0.0.1",
              "--port", str(self.port), "--snapshot-dir", str(snapshot_dir), *args],
             cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)

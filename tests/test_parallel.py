@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -184,3 +185,27 @@ def test_dead_rank_fails_the_call_and_does_not_hang(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     report = (tmp_path / "die.0.txt").read_text() if (tmp_path / "die.0.txt").exists() else done.stderr[-3000:]
     assert "RankFailed code=rank_failed" in report and "failures=1" in report, report
+
+
+def test_app_under_torchrun_answers_as_one_process(tmp_path):
+    """`torchrun --nproc-per-node 2 launch.py`: rank 0 serves the page, rank 1 follows; same answer and chips."""
+    from helpers import ask, client, load, text_of
+    from live_server import Server
+
+    model = write_checkpoint(tmp_path / "m", parallel_config(vocab_size=8192, index_topk=16))
+    shutil.copy(REPO / "assets" / "tokenizer.json", model / "tokenizer.json")
+    paths = write_corpus(tmp_path / "docs", lines=40)
+    answers = []
+    for ranks in (1, 2):
+        with Server(model, tmp_path / f"snaps{ranks}", temp_dir=tmp_path / f"gradio{ranks}", ranks=ranks,
+                    timeout=180) as s:
+            c = client(s.url)
+            load(c, paths)
+            out = ask(c)
+            # everything the page got: the chat and the source chips, less the speed figures
+            page = json.dumps(out, sort_keys=True, default=str)
+            answers.append(re.sub(r"[\d.]+ tokens/s|first token [\d.]+ s", "", page))
+            chat = out[0] if isinstance(out, (list, tuple)) else out
+            assert text_of(chat[-1]).strip(), out
+        assert s.proc.wait(timeout=60) is not None  # stopping rank 0 ends every rank: nothing left hanging
+    assert answers[0] == answers[1]
