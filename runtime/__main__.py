@@ -7,6 +7,8 @@
     eval ...                      (runtime/evaluate.py)
     trace show FILE [--format auto|longlens|sglang] [--corpus PATH ...] [--model DIR] [--question TEXT]
                [--report FILE.html] [--trace FILE.json] [--trace-format longlens|sglang] [--figures DIR] [--json]
+    plan --model DIR | --preset flash|pro --world-size N --gpu-memory 141GB [--context TOKENS] [--sessions K]
+         [--dtype bfloat16|float32] [--index-dtype bfloat16|float32] [--chunk-size N] [--check] [--json]
 
 `ask` (and `snapshot load --question`) also take --report FILE.html (runtime/report.py: a self-contained
 report), --trace FILE.json with --trace-format longlens|sglang (runtime/trace.py) and --figures DIR (the
@@ -28,6 +30,12 @@ with those spans forced out of / into every CSA layer's top-k (or its width chan
 paths are left as they are. The printed answer and "answer" / "sources" stay the unsteered ones; --json adds
 "counterfactual": {"steering", "changed", "old_answer", "answer", "stop_reason", "sources", "selection",
 "mass", "spans", ...} (Counterfactual.to_dict in runtime/session.py). Bad specs exit 2 before any prefill.
+
+`plan` (runtime/plan.py) prints, per GPU, the weights as stored under the world size's sharding, each session's
+cache by component, the workspace and whether the total fits --gpu-memory (G, GB and GiB all mean 2^30 bytes
+here) -- and if not, how many sessions or how long a context would, and which world size. Only config.json is
+read. It exits 0 either way; with --check, 1 when it does not fit. A world size that cannot split the model
+exits 2 naming the constraint.
 """
 
 from __future__ import annotations
@@ -83,6 +91,7 @@ def _positive(text: str) -> int:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder (config.json + *.safetensors)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (under torchrun: each rank's GPU)")
     p.add_argument("--chunk-size", type=_positive, default=2048, help="prefill chunk in tokens")
     p.add_argument("--max-context-tokens", type=_positive, default=None)
     p.add_argument("--memory-budget", type=_bytes, default=None, help="cache budget, e.g. 8G (default: 80%% of free)")
@@ -126,6 +135,7 @@ def build_parser(with_eval: bool) -> argparse.ArgumentParser:
         _model_args(p)
 
     _trace_parser(sub)
+    _plan_parser(sub)
 
     ev = sub.add_parser("eval", help="evaluate the model (runtime/evaluate.py)")
     if with_eval:
@@ -154,9 +164,26 @@ def _engine(args):
         hint = " (the default model is not in this checkout yet)" if model == DEFAULT_MODEL else ""
         raise BadInput(f"no model folder at {model}{hint}; pass --model DIR")
     t0 = time.perf_counter()
-    engine = Engine.from_dir(model, dtype=getattr(torch, args.dtype), chunk_size=args.chunk_size,
+    engine = Engine.from_dir(model, dtype=getattr(torch, args.dtype), device=_device(args), chunk_size=args.chunk_size,
                              max_context_tokens=args.max_context_tokens, memory_budget_bytes=args.memory_budget)
     return engine, time.perf_counter() - t0
+
+
+def _device(args) -> str:
+    from .parallel import init_from_env, under_torchrun
+
+    device = getattr(args, "device", "cpu")
+    return str(init_from_env(device)[1]) if under_torchrun() else device  # under torchrun: cuda:LOCAL_RANK
+
+
+def _follower(args) -> bool:
+    """Under torchrun, ranks > 0 load their shard and replay rank 0's model operations here (printing
+    nothing); True once rank 0 has finished. Rank 0 and single processes go on with the command."""
+    import torch
+
+    from .cluster import follow_if_follower
+
+    return follow_if_follower(args.model, getattr(args, "device", "cpu"), getattr(torch, getattr(args, "dtype", "float32")))
 
 
 def _progress(args):
@@ -448,6 +475,46 @@ def cmd_trace(args) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------- memory plan
+def _plan_parser(sub) -> None:
+    from .plan import DEFAULT_CHUNK, DTYPE_BYTES, PRESETS
+
+    p = sub.add_parser("plan", help="will a model fit on N GPUs: weights, caches and workspace per GPU")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model folder (only its config.json is read)")
+    src.add_argument("--preset", choices=sorted(PRESETS), help="a released DeepSeek-V4 config")
+    p.add_argument("--world-size", type=_positive, default=1, help="GPUs in all (nodes x GPUs per node)")
+    p.add_argument("--gpu-memory", type=_bytes, required=True, help="memory per GPU, e.g. 141GB (H200), 80GB (H100)")
+    p.add_argument("--context", type=_positive, default=None,
+                   help="tokens per session (default: the model's max_position_embeddings)")
+    p.add_argument("--sessions", type=_positive, default=1, help="sessions held at once")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16",
+                   help="cache, activations and the weights not stored quantised")
+    p.add_argument("--index-dtype", choices=sorted(DTYPE_BYTES), default="bfloat16", help="the indexer's keys")
+    p.add_argument("--chunk-size", type=_positive, default=DEFAULT_CHUNK, help="prefill chunk in tokens")
+    p.add_argument("--check", action="store_true", help="exit with status 1 when it does not fit")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+
+def cmd_plan(args) -> dict:
+    from .checkpoint import read_config
+    from .config import ModelConfig
+    from .plan import PRESETS, formats, plan, preset
+
+    if args.preset:
+        raw, name = preset(args.preset), PRESETS[args.preset]
+    else:
+        if not (Path(args.model) / "config.json").is_file():
+            raise BadInput(f"no model config at {Path(args.model) / 'config.json'}; pass --model DIR or --preset")
+        raw, name = read_config(args.model), Path(args.model).name
+    linear, experts = formats(raw)
+    p = plan(ModelConfig.from_dict(raw), args.world_size, args.gpu_memory, args.context, args.sessions, args.dtype,
+             args.index_dtype, args.chunk_size, linear, experts, name)
+    if not args.json:
+        print(p.table())
+    return p.to_dict()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     as_json = "--json" in argv
@@ -455,12 +522,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with_eval = bool(argv) and argv[0] == "eval"
         args = build_parser(with_eval).parse_args(argv)
+        if args.command in ("ask", "snapshot", "eval") and hasattr(args, "model") and _follower(args):
+            return 0
         if args.command == "eval":
             return int(_evaluate().main_eval(args))
-        out = {"ask": cmd_ask, "snapshot": cmd_snapshot, "trace": cmd_trace}[args.command](args)
+        out = {"ask": cmd_ask, "snapshot": cmd_snapshot, "trace": cmd_trace, "plan": cmd_plan}[args.command](args)
         if args.json:
             print(json.dumps(out, ensure_ascii=False))
-        return 0
+        return 1 if args.command == "plan" and args.check and not out["fits"] else 0
     except KeyboardInterrupt:
         return 130
     except Exception as e:

@@ -3,8 +3,9 @@ memory budget -- checked before any prefill, so a corpus that does not fit is re
 much would fit (nothing is truncated).
 
 The cache's size per context token comes from the config (CSA entries + indexer keys per 4 tokens,
-HCA entries per 128; the sliding windows and pooling buffers are fixed), so the estimate needs no
-model run.
+HCA entries per 128; the sliding windows and pooling buffers are fixed; runtime/plan.py's arithmetic, which
+the multi-GPU planner shares), so the estimate needs no model run. The memory available is the host's
+(/proc/meminfo) on the CPU and the device's free memory on CUDA.
 """
 
 from __future__ import annotations
@@ -15,11 +16,18 @@ from typing import Sequence
 
 import torch
 
-from .config import CSA, HCA, ModelConfig
+from .config import ModelConfig
 from .errors import ContextTooLarge
+from .plan import cache_bytes_per_token, fixed_cache_bytes
 
 
-def mem_available() -> int | None:
+def mem_available(device: str | torch.device = "cpu") -> int | None:
+    """Bytes this process could still allocate on `device` (None: unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        # blocks PyTorch's caching allocator keeps but no tensor uses are this process's to reuse
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -48,6 +56,7 @@ class Budget:
     max_context_tokens: int | None = None
     memory_budget_bytes: int | None = None  # None: 80% of the memory available when checking
     chat_reserve_tokens: int = 4096
+    device: str | torch.device = "cpu"  # where caches live: whose free memory the budget reads
 
     def context_limit(self) -> tuple[int, str]:
         """(tokens, why): the most context tokens any session may hold."""
@@ -62,26 +71,12 @@ class Budget:
 
     def cache_bytes_per_token(self) -> float:
         """Cache growth per context token: CSA entries + indexer keys, HCA entries (window is fixed)."""
-        c, el = self.config, self.dtype.itemsize
-        iel = el if self.index_dtype is None else self.index_dtype.itemsize
-        per = 0.0
-        for t in c.layer_types:
-            if t == CSA:
-                per += (c.head_dim * el + c.index_head_dim * iel) / c.csa_rate
-            elif t == HCA:
-                per += c.head_dim * el / c.hca_rate
-        return per
+        index_el = None if self.index_dtype is None else self.index_dtype.itemsize
+        return cache_bytes_per_token(self.config, self.dtype.itemsize, index_el)
 
     def fixed_cache_bytes(self) -> int:
         """Bytes that do not grow: sliding windows and pooling buffers (upper bound, fp32 buffers)."""
-        c, el = self.config, self.dtype.itemsize
-        total = c.num_hidden_layers * (c.sliding_window - 1) * c.head_dim * el
-        for t in c.layer_types:
-            if t == CSA:  # kv + index compressors, overlapping: 2x features, buffer + overlap
-                total += 4 * 3 * c.csa_rate * (c.head_dim + c.index_head_dim) * 4
-            elif t == HCA:
-                total += 2 * c.hca_rate * c.head_dim * 4
-        return total
+        return fixed_cache_bytes(self.config, self.dtype.itemsize)
 
     def estimate_cache_bytes(self, tokens: int) -> int:
         return int(self.fixed_cache_bytes() + self.cache_bytes_per_token() * tokens)
@@ -89,10 +84,11 @@ class Budget:
     def memory_budget(self) -> tuple[int | None, str]:
         if self.memory_budget_bytes is not None:
             return self.memory_budget_bytes, "the engine's memory_budget_bytes"
-        avail = mem_available()
+        avail = mem_available(self.device)
         if avail is None:
             return None, "unknown (available memory could not be read)"
-        return int(0.8 * avail), f"80% of the {fmt_bytes(avail)} of memory available now"
+        where = f" on {self.device}" if torch.device(self.device).type != "cpu" else ""
+        return int(0.8 * avail), f"80% of the {fmt_bytes(avail)} of memory available{where} now"
 
     def check_fits(self, tokens: int, documents: Sequence[tuple[str, int]] = ()) -> None:
         """Raise ContextTooLarge unless a context of `tokens` (+ the chat reserve) fits every limit.
