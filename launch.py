@@ -65,6 +65,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def refuse_plan_that_cannot_fit(settings) -> None:
+    """Under torchrun on GPUs: every rank checks the memory plan (weights, one session at the full context,
+    workspace) against its GPU before loading anything, and exits with the plan's table if it cannot fit."""
+    from runtime.parallel import under_torchrun
+
+    if not under_torchrun() or not settings.resolved_device().startswith("cuda"):
+        return
+    import torch
+
+    from runtime.plan import DoesNotFit, plan_or_refuse
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    try:
+        plan_or_refuse(settings.model_dir, int(os.environ["WORLD_SIZE"]),
+                       torch.cuda.get_device_properties(local).total_memory, context=settings.max_context,
+                       dtype="bfloat16" if settings.resolved_dtype() == torch.bfloat16 else "float32")
+    except DoesNotFit as e:
+        raise SystemExit(f"Longlens: this model does not fit these GPUs:\n{e.table}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     auth = parse_auth(args.auth)
@@ -83,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         snapshot_dir=args.snapshot_dir, concurrency=args.concurrency)
     import runtime
 
+    refuse_plan_that_cannot_fit(settings)
     # Under torchrun every rank loads its shard; ranks > 0 follow rank 0's model operations until it stops.
     if runtime.follow_if_follower(settings.model_dir, settings.device, settings.resolved_dtype()):
         return 0

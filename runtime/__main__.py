@@ -91,7 +91,7 @@ def _positive(text: str) -> int:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder (config.json + *.safetensors)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto (under torchrun: each rank's GPU)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present; under torchrun each rank's GPU), cpu, cuda:1")
     p.add_argument("--chunk-size", type=_positive, default=2048, help="prefill chunk in tokens")
     p.add_argument("--max-context-tokens", type=_positive, default=None)
     p.add_argument("--memory-budget", type=_bytes, default=None, help="cache budget, e.g. 8G (default: 80%% of free)")
@@ -170,10 +170,10 @@ def _engine(args):
 
 
 def _device(args) -> str:
-    from .parallel import init_from_env, under_torchrun
+    from .parallel import init_from_env
 
-    device = getattr(args, "device", "cpu")
-    return str(init_from_env(device)[1]) if under_torchrun() else device  # under torchrun: cuda:LOCAL_RANK
+    device = getattr(args, "device", "auto")
+    return str(init_from_env(device)[1])  # auto: cuda (cuda:LOCAL_RANK under torchrun) when present, else cpu
 
 
 def _follower(args) -> bool:
@@ -183,6 +183,7 @@ def _follower(args) -> bool:
 
     from .cluster import follow_if_follower
 
+    # eval has no --device: it runs on the CPU, and so do its followers
     return follow_if_follower(args.model, getattr(args, "device", "cpu"), getattr(torch, getattr(args, "dtype", "float32")))
 
 

@@ -84,19 +84,11 @@ def _resolve(device: str, local_rank: int = 0) -> torch.device:
 
 
 def check_world_size(cfg: ModelConfig, world: int) -> None:
-    """Refuse a world size that does not split the model evenly, before anything loads."""
-    if world < 1:
-        raise ConfigError(f"world size must be >= 1, got {world}")
-    rules = [
-        ("num_attention_heads", cfg.num_attention_heads, "query heads and attn_sink are split by head"),
-        ("o_groups", cfg.o_groups, "wo_a is split by output group"),
-        ("n_routed_experts", cfg.n_routed_experts, "routed experts are split across ranks"),
-        ("vocab_size", cfg.vocab_size, "the embedding and the head are split by vocabulary"),
-    ]
-    for key, n, why in rules:
-        if n % world:
-            raise ConfigError(f"world size {world} does not divide {key}={n} ({why}); "
-                              f"use a world size that divides {key}")
+    """Refuse a world size that does not split the model evenly, before anything loads (runtime/plan.py
+    holds the rules, so the planner and the loader cannot disagree)."""
+    from .plan import check_world_size as check
+
+    check(cfg, world)
 
 
 # ------------------------------------------------------------------------------------------ collectives
