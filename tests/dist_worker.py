@@ -28,6 +28,8 @@ def main() -> None:
     p.add_argument("--quantized", default="keep")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--die-after", type=int, default=0, help="rank 1 vanishes after this many operations")
+    p.add_argument("--idle", action="store_true", help="with --die-after: rank 0 sends nothing after that; only "
+                                                      "its heartbeat can find out")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.die_after:
@@ -80,12 +82,17 @@ def vanishing_follower(args) -> None:
         cluster.follow(model)
         return
     failures = []
+    cluster.HEARTBEAT_S = 0.5
     leader = cluster.Leader(model, on_failure=failures.append)
     cache = leader.new_cache()
     t0, outcome = time.monotonic(), "no failure seen"
     try:
-        for _ in range(50):
+        for _ in range(1 if args.idle else 50):
             leader(torch.tensor([[1, 2, 3]]), cache)
+        while args.idle and not failures and time.monotonic() - t0 < 60:
+            time.sleep(0.1)  # idle: no request comes; the heartbeat must notice the dead rank
+        if failures:
+            leader(torch.tensor([[4]]), cache)  # a request after the failure is refused at once
     except cluster.RankFailed as e:
         outcome = f"RankFailed code={e.code}"
     with open(f"{args.out}.0.txt", "w") as f:

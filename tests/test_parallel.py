@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from helpers import REPO, write_corpus
+from live_server import free_port
 from hf_oracle import CSA, HCA, SL, tiny_config
 from runtime.config import ConfigError, ModelConfig
 from runtime.model import Transformer
@@ -53,17 +54,26 @@ def write_checkpoint(folder: Path, cfg: dict, quantize: bool = False, seed: int 
     return folder
 
 
-def run(model: Path, out: Path, world: int, **kw) -> list[dict]:
+def run(model: Path, out: Path, world: int, nodes: int = 1, **kw) -> list[dict]:
+    """tests/dist_worker.py alone (world 1), under one torchrun, or under `nodes` torchrun agents meeting
+    through a c10d rendezvous as separate machines would (here all on loopback)."""
     args = [str(WORKER), "--model", str(model), "--out", str(out)] + [f"--{k}={v}" for k, v in kw.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
     if world == 1:
-        cmd = [sys.executable] + args
+        cmds = [[sys.executable] + args]
+    elif nodes == 1:
+        cmds = [torchrun + ["--standalone", f"--nproc-per-node={world}"] + args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"] + args
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+        endpoint = f"127.0.0.1:{free_port()}"
+        cmds = [torchrun + [f"--nnodes={nodes}", f"--nproc-per-node={world // nodes}", "--rdzv-backend=c10d",
+                            f"--rdzv-endpoint={endpoint}", f"--rdzv-id={out.name}"] + args for _ in range(nodes)]
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in cmds]
+    for p in procs:
+        log, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, log[-6000:]
     return [torch.load(f"{out}.{r}.pt") for r in range(world)]
 
 
@@ -90,11 +100,11 @@ def assert_same_run(one: dict, ranks: list[dict]) -> None:
             torch.testing.assert_close(other["weights"], rec["weights"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("world,hc", [(2, 2), (4, 4)])
-def test_ranks_match_one_process(tmp_path, world, hc):
+@pytest.mark.parametrize("world,hc,nodes", [(2, 2, 1), (4, 4, 1), (4, 2, 2)])
+def test_ranks_match_one_process(tmp_path, world, hc, nodes):
     model = write_checkpoint(tmp_path / "m", parallel_config(hc_mult=hc))
     one = run(model, tmp_path / "one", 1)[0]
-    ranks = run(model, tmp_path / "dist", world)
+    ranks = run(model, tmp_path / "dist", world, nodes)
     assert ranks[0]["world"] == world
     sel = [r["selected"] for r in one["records"].values() if r["selected"] is not None]
     assert sel and all((s >= 0).sum() > 0 for s in sel)  # the CSA layers did select entries
@@ -177,11 +187,14 @@ def test_engine_ask_under_torchrun_matches_one_process(tmp_path):
     assert again["answer"] == one["answer"] and [key(s) for s in again["sources"]] == [key(s) for s in one["sources"]]
 
 
-def test_dead_rank_fails_the_call_and_does_not_hang(tmp_path):
+@pytest.mark.parametrize("idle", [False, True])
+def test_dead_rank_fails_the_call_and_does_not_hang(tmp_path, idle):
+    """Rank 1 vanishes mid-run (or while the app idles: the heartbeat finds it); rank 0 fails the call with
+    code rank_failed, calls on_failure once, and returns instead of hanging."""
     model = write_checkpoint(tmp_path / "m", parallel_config())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
-           "--model", str(model), "--out", str(tmp_path / "die"), "--die-after", "3"]
+           "--model", str(model), "--out", str(tmp_path / "die"), "--die-after", "3"] + (["--idle"] if idle else [])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     report = (tmp_path / "die.0.txt").read_text() if (tmp_path / "die.0.txt").exists() else done.stderr[-3000:]
     assert "RankFailed code=rank_failed" in report and "failures=1" in report, report
