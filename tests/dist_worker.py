@@ -28,12 +28,15 @@ def main() -> None:
     p.add_argument("--quantized", default="keep")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--die-after", type=int, default=0, help="rank 1 vanishes after this many operations")
+    p.add_argument("--engine", help="a corpus folder: run the session scenario (engine_scenario) over it")
     p.add_argument("--idle", action="store_true", help="with --die-after: rank 0 sends nothing after that; only "
                                                       "its heartbeat can find out")
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.die_after:
         return vanishing_follower(args)
+    if args.engine:
+        return engine_scenario(args)
     shard, device = init_from_env("cpu")
     model = load_model(args.model, device, getattr(torch, args.dtype), quantized=args.quantized)
     ids = torch.randint(model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(0))
@@ -56,6 +59,51 @@ def main() -> None:
                                     if ".ffn.experts." in n),
                 "dtypes": {str(d) for d in buffers.values()} | {str(p.dtype) for p in model.parameters()}},
                f"{args.out}.{shard.rank}.pt")
+
+
+def engine_scenario(args) -> None:
+    """Rank 0 drives sessions through the engine as the app does (the other ranks follow): a corpus, two
+    questions, a counterfactual (checkpoint, rewind, steered run, restore), undo, a second session, a snapshot
+    saved and loaded into a third (adopted by every rank), and sessions dropped (their caches freed)."""
+    import gc
+    import json
+
+    import runtime
+    from runtime import Answer, Engine, GenerationParams
+
+    if runtime.follow_if_follower(args.model, "cpu", torch.float32):
+        return
+    engine = Engine.from_dir(args.model, chunk_size=64)
+    params = GenerationParams(max_new_tokens=6)
+    out = {}
+
+    def ask(session, q):
+        final = [ev for ev in session.ask(q, params) if isinstance(ev, Answer)][-1]
+        srcs = [] if final.provenance is None else final.provenance.sources[:5]
+        return {"ids": final.token_ids, "sources": [(x.file, x.line_start, x.line_end, round(x.weight, 5))
+                                                    for x in srcs]}
+
+    s1 = engine.new_session()
+    s1.load_corpus(sorted(Path(args.engine).iterdir()))
+    out["a1"] = ask(s1, "What is the secret launch code?")
+    out["a2"] = ask(s1, "Where is the river?")
+    cf = s1.counterfactual(s1.steering(exclude=[s1.docs()[1][0]]), params)
+    out["cf"] = {"old": cf.old.token_ids, "new": cf.new.token_ids}
+    out["after_cf"] = ask(s1, "And the stone?")
+    s1.undo_turn()
+    out["after_undo"] = ask(s1, "And the stone?")
+    s2 = engine.new_session()
+    s2.load_corpus(sorted(Path(args.engine).iterdir()))
+    out["s2"] = ask(s2, "What is the secret launch code?")
+    snap = s1.save_snapshot(Path(args.out).parent / "snaps")
+    del s2
+    gc.collect()  # s2's cache is freed on every rank with the next operation
+    s3 = engine.new_session()
+    s3.load_snapshot(snap)
+    out["s3"] = ask(s3, "And the apple?")
+    out["s1"] = ask(s1, "And the apple?")
+    Path(f"{args.out}.0.json").write_text(json.dumps(out))
+    engine.model.close() if hasattr(engine.model, "close") else None
 
 
 def vanishing_follower(args) -> None:
