@@ -61,7 +61,7 @@ def quantize_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch
 def dequantize_fp4(w: torch.Tensor, scale: torch.Tensor, block: int = 32) -> torch.Tensor:
     b = w.view(torch.uint8).long()  # int8 or float4_e2m1fn_x2 storage: same bytes
     nibbles = torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2)  # [out, in]: low nibble first
-    values = FP4_LUT[nibbles]
+    values = FP4_LUT.to(b.device)[nibbles]  # the table goes where the weight is (CUDA too)
     return values * _expand(scale, tuple(values.shape), (1, block))
 
 

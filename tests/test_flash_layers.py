@@ -144,4 +144,4 @@ def test_gpu_script_cpu_smoke(flash_dir, tmp_path, two_threads):
     assert w["routed"] == LAYERS * 6 * per_expert and w["head"] == VOCAB * 4096 * 2
     assert 0 < run["decode_share_of_copy_bw"] and run["decode_share_of_spec_bw"] is None
     assert len(rec["matmuls"]) == len(gpu_flash.LINEARS) * 2
-    assert all(m["equal"] and m["max_abs"] == 0 for m in rec["matmuls"])
+    assert all(m["equal"] and m["oracle_equal"] and m["max_abs"] == 0 for m in rec["matmuls"])
