@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="weights and activations; auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--index-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="the lightning indexer's keys; auto = bfloat16 on CUDA and on CPUs that compute in bf16 "
+                        "(AMX, AVX512-BF16), float32 elsewhere (runtime/isa.py)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for the LAN)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also serve through a public Gradio share link")
@@ -74,13 +77,15 @@ def refuse_plan_that_cannot_fit(settings) -> None:
         return
     import torch
 
+    from runtime.isa import name
     from runtime.plan import DoesNotFit, plan_or_refuse
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
     try:
         plan_or_refuse(settings.model_dir, int(os.environ["WORLD_SIZE"]),
                        torch.cuda.get_device_properties(local).total_memory, context=settings.max_context,
-                       dtype="bfloat16" if settings.resolved_dtype() == torch.bfloat16 else "float32")
+                       dtype="bfloat16" if settings.resolved_dtype() == torch.bfloat16 else "float32",
+                       index_dtype=name(settings.resolved_index_dtype()))
     except DoesNotFit as e:
         raise SystemExit(f"Longlens: this model does not fit these GPUs:\n{e.table}") from None
 
@@ -98,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     malloc_defaults()  # glibc's own trimming while idle; prefills tune it for themselves (large_allocations)
 
     settings = Settings(
-        model_dir=args.model, device=args.device, dtype=args.dtype, max_file_bytes=parse_size(args.max_file_size),
+        model_dir=args.model, device=args.device, dtype=args.dtype, index_dtype=args.index_dtype,
+        max_file_bytes=parse_size(args.max_file_size),
         max_files=args.max_files, max_context=args.max_context, max_sessions=args.max_sessions,
         snapshot_dir=args.snapshot_dir, concurrency=args.concurrency)
     import runtime
@@ -108,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     if runtime.follow_if_follower(settings.model_dir, settings.device, settings.resolved_dtype()):
         return 0
     demo, launch_kwargs = build_demo(settings)
-    print(f"Longlens: model {args.model} on {settings.resolved_device()}", flush=True)
+    from runtime.isa import explain
+
+    print(f"Longlens: model {args.model} on {settings.resolved_device()}, indexer keys "
+          f"{explain(settings.index_dtype, settings.resolved_device())}", flush=True)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=64)
     _, local_url, share_url = demo.launch(
         server_name=args.host, server_port=args.port, share=args.share, auth=auth or None,

@@ -14,6 +14,7 @@ class Settings:
     model_dir: str | Path = SHIPPED_MODEL
     device: str = "auto"  # auto: CUDA when present, else CPU
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    index_dtype: str = "auto"  # the indexer's keys; auto: runtime/isa.py's choice for the device and CPU
     max_file_bytes: int = 50 << 20  # largest single upload (also enforced on archive members)
     max_files: int = 2000  # most files per corpus, archive members included
     max_context: int | None = None  # most tokens per session (None: the model's context)
@@ -35,6 +36,11 @@ class Settings:
         if self.dtype == "auto":
             return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
         return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+
+    def resolved_index_dtype(self):
+        from runtime import isa
+
+        return isa.resolve(self.index_dtype, self.resolved_device())
 
     def is_shipped_model(self) -> bool:
         try:

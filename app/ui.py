@@ -34,7 +34,7 @@ def load_engine(settings):
     try:
         engine = Engine.from_dir(settings.model_dir, dtype=settings.resolved_dtype(),
                                  device=settings.resolved_device(), chunk_size=settings.chunk_size,
-                                 max_context_tokens=settings.max_context)
+                                 max_context_tokens=settings.max_context, index_dtype=settings.index_dtype)
     except (ValueError, OSError) as e:  # EngineError, ConfigError, CheckpointError: all ValueErrors
         return None, f"{e}"
     return engine, None

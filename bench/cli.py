@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from runtime import isa
 from runtime.config import CSA, HCA, SLIDING
 
 from . import configs, report
@@ -60,9 +61,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--index-dtype", default="bfloat16", choices=["bfloat16", "model"],
-                   help="lightning-indexer key cache (runtime.Cache index_dtype): bfloat16 as the app's engine "
-                        "uses (default), or the model's dtype")
+    p.add_argument("--index-dtype", default="auto", choices=["auto", "bfloat16", "float32", "model"],
+                   help="lightning-indexer key cache (runtime.Cache index_dtype): auto = the app engine's choice for"
+                        " this CPU or device (runtime/isa.py: bfloat16 where bf16 is native, else float32; default),"
+                        " or a dtype, or the model's dtype")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPUs)")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens per model call)")
     p.add_argument("--decode-tokens", type=int, default=64, help="decode steps after each prefill (>= 32)")
@@ -104,6 +106,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--label", help="a name for this result set in BENCHMARKS.md")
     p.add_argument("--note", help="a sentence printed under this result set in BENCHMARKS.md")
     return p
+
+
+def index_dtype_name(args) -> str:
+    """The indexer keys' dtype by name, as the app's engine picks it (runtime/isa.py), made once here and sent
+    to every worker: "bfloat16", "float32" or "model"."""
+    return isa.name(isa.resolve(args.index_dtype, args.device))
 
 
 def _command(argv) -> str:
@@ -200,19 +208,25 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     model_spec, hf_dir = resolve_model(args)
     dtype = getattr(torch, args.dtype)
+    index_dtype = index_dtype_name(args)
     started = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     t_run = time.perf_counter()
     command = _command(argv)
     mi = meminfo()
     limit = int(args.mem_limit_gb * 2 ** 30) if args.mem_limit_gb else int(0.9 * mi.get("MemAvailable", 8 << 30))
 
+    mach = machine_info(args.device)
+    _log(f"machine: {mach['cpu_model']}, ISA {mach['isa']}, {threads} torch threads; indexer keys "
+         f"{isa.explain(args.index_dtype, args.device)}")
     _log(f"machine: measuring the {args.dtype} matmul peak ({args.peak_n}^3) and copy bandwidth")
     meta = {"command": command, "argv": sys.argv if argv is None else argv, "started": started,
             "label": args.label, "note": args.note,
-            "machine": machine_info(args.device),
+            "machine": mach,
             "matmul_peak": matmul_peak(dtype, args.device, n=args.peak_n, reps=5),
             "copy_bandwidth": copy_bandwidth(args.device),
-            "settings": {"dtype": args.dtype, "index_dtype": args.index_dtype, "chunk": args.chunk, "decode_tokens": args.decode_tokens,
+            "settings": {"dtype": args.dtype, "index_dtype": index_dtype, "index_dtype_asked": args.index_dtype,
+                         "index_layout": isa.explain(args.index_dtype, args.device),
+                         "chunk": args.chunk, "decode_tokens": args.decode_tokens,
                          "repeats": args.repeats, "single_repeat_above": args.single_repeat_above,
                          "threads": threads, "mem_limit_bytes": None if args.device.startswith("cuda") else limit,
                          "malloc_env": not args.no_malloc_env, "contexts": args.contexts}}
@@ -246,7 +260,7 @@ def main(argv=None) -> int:
         prof = {L for L in args.contexts if L <= 32768}
     else:
         prof = set(_ints(args.profile)) if args.profile else set()
-    base = {"device": args.device, "dtype": args.dtype, "index_dtype": args.index_dtype, "threads": threads,
+    base = {"device": args.device, "dtype": args.dtype, "index_dtype": index_dtype, "threads": threads,
             "chunk": args.chunk,
             "decode_tokens": args.decode_tokens, "decode_ref_context": args.decode_ref_context,
             "mem_limit_bytes": limit, "peak_n": args.peak_n, **model_spec}

@@ -154,17 +154,18 @@ def total(d: dict) -> float:
     return float(sum(d.values()))
 
 
-def decode_bytes(c: ModelConfig, P: int, elem: int = 4) -> float:
+def decode_bytes(c: ModelConfig, P: int, elem: int = 4, index_elem: int | None = None) -> float:
     """Bytes one decode step at position P must read at least: the weights it uses (embedding row,
     attention, compressors, indexer, mHC in fp32, gate, the active experts, the vocabulary head) and
     the cache it attends to (window rows, every indexer key, the top-k gathered CSA entries, every HCA
-    entry). The floor a bandwidth-bound decode (GPU) is measured against; activations are ignored."""
+    entry). The floor a bandwidth-bound decode (GPU) is measured against; activations are ignored.
+    `index_elem`: bytes per stored indexer-key element (the cache's index dtype; default `elem`)."""
     D, H, d, W = c.hidden_size, c.num_attention_heads, c.head_dim, c.sliding_window
     Rq, G, Ro, n = c.q_lora_rank, c.o_groups, c.o_lora_rank, c.hc_mult
     HI, dI = c.index_n_heads, c.index_head_dim
     w = D  # embedding row
     f32 = 0
-    cache = 0
+    cache = keys = 0
     for t in c.layer_types:
         w += D * Rq + Rq * H * d + D * d + H * d * Ro + G * Ro * D
         f32 += 2 * ((2 + n) * n * n * D)
@@ -173,10 +174,11 @@ def decode_bytes(c: ModelConfig, P: int, elem: int = 4) -> float:
         if t == CSA:
             w += 2 * D * 2 * d + Rq * HI * dI + D * HI + 2 * D * 2 * dI
             N = (P + 1) // c.csa_rate
-            cache += N * dI + min(c.index_topk, N) * d
+            keys += N * dI
+            cache += min(c.index_topk, N) * d
         elif t == HCA:
             w += 2 * D * d
             cache += ((P + 1) // c.hca_rate) * d
     w += c.vocab_size * D
     f32 += n * n * D
-    return float((w + cache) * elem + f32 * 4)
+    return float((w + cache) * elem + keys * (elem if index_elem is None else index_elem) + f32 * 4)

@@ -1,4 +1,5 @@
-"""The machine beside every table, the matmul peak of a dtype, and process memory readings.
+"""The machine beside every table (its CPU as runtime/isa.py reads it), the matmul peak of a dtype, and process
+memory readings.
 
 Also the helpers both worker kinds share (bench/worker.py, bench/compare.py): dtype names, the device
 sync and the peak-memory reading. This module imports nothing from bench/, so neither imports the other.
@@ -10,29 +11,6 @@ import os
 import platform
 import statistics
 import time
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags)
-    except OSError:
-        pass
-    return []
 
 
 def meminfo() -> dict[str, int]:
@@ -51,10 +29,14 @@ def meminfo() -> dict[str, int]:
 def machine_info(device: str = "cpu") -> dict:
     import torch
 
-    mi = meminfo()
+    from runtime.isa import detect
+
+    mi, cpu = meminfo(), detect()
     info = {
-        "cpu_model": _cpu_model(),
-        "cpu_flags": _cpu_flags(),
+        "cpu_model": cpu.model,
+        "cpu_flags": list(cpu.flags),
+        "isa": cpu.tier,  # runtime/isa.py: AMX, AVX512-BF16, AVX-512, AVX2 or baseline
+        "torch_cpu_capability": cpu.capability,
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

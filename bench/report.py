@@ -1,7 +1,7 @@
 """Console tables, BENCHMARKS.md and its SVG plot, from result sets (one per `python -m bench` run).
 
 A result set is the JSON the CLI writes: {"meta": {...}, "runs": [...], "compare": [...]}. The page
-shows the newest set of each kind (latest_per_kind: same weights folder or preset, device, dtype, threads
+shows the newest set of each kind (latest_per_kind: same weights folder or preset, device, CPU, dtype, threads
 and lengths), so a new run replaces its own section; the Targets section takes every figure from a single
 set (same run, same machine) and names the weights and CPU it was measured with. Older sets leave the tree
 for bench/results/history.tar.xz (bench/archive_results.py).
@@ -18,6 +18,7 @@ import shlex
 from html import escape
 from pathlib import Path
 
+from runtime.isa import tier_of
 from runtime.timing import CATEGORIES
 
 CAT_LABEL = {"sliding_attn": "sliding", "csa_attn": "CSA attn", "csa_compress": "CSA compress",
@@ -71,9 +72,9 @@ def peak_rss(r) -> int | None:
 def machine_line(meta: dict) -> str:
     m = meta["machine"]
     pk = meta.get("matmul_peak") or {}
-    flags = ", ".join(f for f in m.get("cpu_flags", []) if f in ("avx512f", "amx_bf16"))
     la = m.get("loadavg_at_start")
-    parts = [f"{m['cpu_model']}" + (f" ({flags})" if flags else ""),
+    cap = f", torch kernels {m['torch_cpu_capability']}" if m.get("torch_cpu_capability") else ""
+    parts = [f"{m['cpu_model']} (ISA {isa_of(m)}{cap})",
              f"{m['logical_cpus']} logical CPUs ({m['usable_cpus']} usable, torch threads {m['torch_threads']})",
              f"{fbytes(m.get('mem_total_bytes'))} RAM",
              f"load average at start {la[0]:.2f}" if la else None,
@@ -100,7 +101,7 @@ def model_line(meta: dict, name: str | None = None) -> str:
     if mm.get("summary"):
         s += f"; {mm['summary']}"
     st = meta.get("settings", {})
-    s += (f". dtype {st.get('dtype')}, indexer keys {st.get('index_dtype', 'model')}, prefill chunk {st.get('chunk')}, {st.get('decode_tokens')} decode tokens,"
+    s += (f". dtype {st.get('dtype')}, indexer keys {st.get('index_layout') or st.get('index_dtype', 'model')}, prefill chunk {st.get('chunk')}, {st.get('decode_tokens')} decode tokens,"
           f" repeats {st.get('repeats')} (1 above {st.get('single_repeat_above'):,} tokens)")
     if st.get("malloc_env"):
         s += ", glibc `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e11` (as the app around each prefill)"
@@ -315,12 +316,12 @@ def started(rs: dict) -> dt.datetime:
 
 
 def set_kind(rs: dict) -> tuple:
-    """What a newer run replaces: the same weights folder or preset (and overrides), device, dtype, torch
-    threads, lengths and --compare lengths. The weights in the folder may have changed since."""
+    """What a newer run replaces: the same weights folder or preset (and overrides), device, CPU (model and
+    ISA), dtype, torch threads, lengths and --compare lengths. The weights in the folder may have changed since."""
     meta = rs["meta"]
     mm, st = meta.get("model", {}), meta.get("settings", {})
     return (mm.get("preset") or mm.get("source"), json.dumps(mm.get("overrides") or {}, sort_keys=True),
-            meta["machine"].get("device"), st.get("dtype"), threads(rs),
+            meta["machine"].get("device"), cpu_key(rs), st.get("dtype"), threads(rs),
             tuple(st.get("contexts") or [r["context"] for r in rs.get("runs", [])]),
             tuple(sorted(c["context"] for c in rs.get("compare", []))))
 
@@ -369,14 +370,25 @@ def weights(meta: dict) -> str:
     return name
 
 
+def isa_of(m: dict) -> str:
+    """A machine's ISA tier (runtime/isa.py); sets recorded before it was stored: from their CPU flags."""
+    return m.get("isa") or tier_of(m.get("cpu_flags", []))
+
+
+def cpu_key(rs: dict) -> tuple[str, str]:
+    """Which CPU a set ran on, as the targets keep them apart: (model name, ISA tier)."""
+    m = rs["meta"]["machine"]
+    return m.get("cpu_model", "unknown"), isa_of(m)
+
+
 def cpu(rs: dict) -> str:
-    """The processor, short: `Intel Xeon with AMX, 2 vCPU; 1 thread` (or the GPU)."""
+    """The processor, short: `Intel Xeon with AMX, 2 vCPU; 1 thread`, `AMD EPYC 7B13 with AVX2, ...` (or the GPU)."""
     m, th = rs["meta"]["machine"], threads(rs)
     if str(m.get("device", "cpu")).startswith("cuda"):
         return m.get("gpu") or m["device"]
     name = " ".join(re.sub(r"\((R|TM)\)|\bProcessor\b|\bCPU\b|@.*", " ", m["cpu_model"]).split())
-    if "amx_bf16" in m.get("cpu_flags", []):
-        name += " with AMX"
+    if isa_of(m) != "baseline":
+        name += f" with {isa_of(m)}"
     return f"{name}, {m['logical_cpus']} vCPU; {th} thread{'s' if th != 1 else ''}"
 
 
@@ -413,10 +425,27 @@ def set_title(rs: dict) -> str:
 
 def targets(all_sets: list[dict]) -> list[list[str]]:
     """Rows of [target, figure, status, weights, CPU, run]: each figure from one set (one run, one CPU),
-    the newest set that measured it; a target measured with several thread counts gets a row for each."""
+    per CPU (model and ISA) the newest set that measured it; a target measured on several CPUs, or with
+    several thread counts, gets a row for each. "Not run yet" only where no CPU measured it."""
+    groups: dict[tuple, list[dict]] = {}
+    for rs in all_sets:
+        if default_model_set(rs):
+            groups.setdefault(cpu_key(rs), []).append(rs)
+    per_cpu = [_targets_on(g, all_sets) for g in groups.values()] or [_targets_on([], all_sets)]
+    rows = []
+    for target in dict.fromkeys(r[0] for g in per_cpu for r in g):
+        mine = [r for g in per_cpu for r in g if r[0] == target]
+        measured = [r for r in mine if r[5] != "-"]
+        for r in measured or mine[:1]:
+            if r not in rows:  # a figure every group shares (the CUDA run) once
+                rows.append(r)
+    return rows
+
+
+def _targets_on(sets: list[dict], all_sets: list[dict]) -> list[list[str]]:
+    """targets() over the default-model sets of one CPU (`all_sets`: every set, for the CUDA row)."""
     NR = "not run yet"
     rows = []
-    sets = [rs for rs in all_sets if default_model_set(rs)]
 
     def line(target, measured, status, rs=None):
         rows.append([target, measured, status] + ([weights(rs["meta"]), cpu(rs), f"`{result_name(rs)}`"]
@@ -653,9 +682,10 @@ def markdown(sets: list[dict], svg_rel: str | None, command: str | None = None) 
          "the worker's VmHWM (model included). The matmul peak and copy bandwidth are measured at the start of each",
          "run. Every ratio comes from one run; every figure names the weights it ran with (\"shipped config\": the",
          "config.json of `assets/model`, the shipped model, whose step is in assets/model/MODEL_CARD.md) and the",
-         "CPU and torch threads it ran on.", "",
+         "CPU (model and ISA: AVX2, AVX-512, AVX512-BF16 or AMX) and torch threads it ran on; a target measured on",
+         "several CPUs gets a row for each, and no row mixes CPUs.", "",
          "A run with `--json bench/results/NAME.json --write-md` replaces the section of its kind (same weights",
-         "folder or preset, device, dtype, threads and lengths) and keeps the others, read from",
+         "folder or preset, device, CPU, dtype, threads and lengths) and keeps the others, read from",
          "bench/results/benchmarks.json; `python -m bench --report bench/results/benchmarks.json --write-md`",
          "re-renders without running. Earlier runs and this page's earlier versions are in",
          "bench/results/history.tar.xz (`python bench/archive_results.py --list`).", ""]

@@ -89,6 +89,7 @@ def measure_runtime(spec: dict) -> dict:
     import torch
 
     from runtime.generate import decode_one_token, prefill
+    from runtime.isa import resolve as resolve_index_dtype
     from runtime.timing import LayerTimer
 
     from . import flops as F
@@ -122,7 +123,7 @@ def measure_runtime(spec: dict) -> dict:
     ref_ctx = ref_ctx if ref_ctx < P and ref_ctx + repeats * D <= c.max_position_embeddings else 0
     ref_ids = torch.randint(0, c.vocab_size, (ref_ctx,), generator=gen).tolist() if ref_ctx else None
     ref_cache, ref_steps = None, []
-    index_dtype = torch.bfloat16 if spec.get("index_dtype", "bfloat16") == "bfloat16" else None
+    index_dtype = resolve_index_dtype(spec.get("index_dtype", "auto"), device)  # the parent's choice, by name
     new_cache = lambda: model.new_cache(index_dtype=index_dtype)
     with torch.inference_mode():
         for r in range(repeats):
@@ -209,7 +210,8 @@ def measure_runtime(spec: dict) -> dict:
     res["flops_decode_per_token"] = fd
     res["prefill_flop_s"] = F.total(fp["performed"]) / res["prefill_s"]
     res["decode_flop_s"] = F.total(fd["performed"]) / (res["decode_ms_median"] / 1e3)
-    res["decode_bytes_per_token"] = F.decode_bytes(c, P, torch.empty((), dtype=model.dtype).element_size())
+    res["decode_bytes_per_token"] = F.decode_bytes(c, P, model.dtype.itemsize,
+                                                   None if index_dtype is None else index_dtype.itemsize)
     res["decode_bytes_s"] = res["decode_bytes_per_token"] / (res["decode_ms_median"] / 1e3)
 
     # the worker's own matmul check (contention drift), after the peak-RSS reading it would pollute

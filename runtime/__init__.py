@@ -9,6 +9,7 @@ Public API (used by the app, the CLI and outside checks):
 - `Engine` / `Session`: chat sessions over a prefilled corpus (runtime/engine.py, runtime/session.py)
 - errors carry a `code` (runtime/errors.py)
 - `figures`: the pure plotly figures (`from runtime import figures`)
+- `isa`: the CPU's ISA and the indexer-key dtype chosen for it and the device (`isa.resolve("auto", device)`)
 """
 
 import importlib
@@ -35,8 +36,9 @@ _EXPORTS = {
     "needle_grid": "probe", "plant_needles": "probe", "Needle": "probe", "NeedleCell": "probe",
     "NeedleGrid": "probe", "ProbeProgress": "probe",
 }
-# Modules that are API as a whole: `from runtime import figures` (pure plotly, shared by the app and reports).
-MODULES = ("figures",)
+# Modules that are API as a whole: `from runtime import figures` (pure plotly, shared by the app and reports);
+# `from runtime import isa` (the CPU / device and the indexer-key dtype chosen for it).
+MODULES = ("figures", "isa")
 __all__ = sorted(_EXPORTS) + list(MODULES)
 
 

@@ -8,7 +8,7 @@
     trace show FILE [--format auto|longlens|sglang] [--corpus PATH ...] [--model DIR] [--question TEXT]
                [--report FILE.html] [--trace FILE.json] [--trace-format longlens|sglang] [--figures DIR] [--json]
     plan --model DIR | --preset flash|pro --world-size N --gpu-memory 141GB [--context TOKENS] [--sessions K]
-         [--dtype bfloat16|float32] [--index-dtype bfloat16|float32] [--chunk-size N] [--check] [--json]
+         [--dtype bfloat16|float32] [--index-dtype auto|bfloat16|float32] [--chunk-size N] [--check] [--json]
 
 `ask` (and `snapshot load --question`) also take --report FILE.html (runtime/report.py: a self-contained
 report), --trace FILE.json with --trace-format longlens|sglang (runtime/trace.py) and --figures DIR (the
@@ -92,10 +92,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="model folder (config.json + *.safetensors)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", default="auto", help="auto (CUDA when present; under torchrun each rank's GPU), cpu, cuda:1")
+    _index_dtype_arg(p)
     p.add_argument("--chunk-size", type=_positive, default=2048, help="prefill chunk in tokens")
     p.add_argument("--max-context-tokens", type=_positive, default=None)
     p.add_argument("--memory-budget", type=_bytes, default=None, help="cache budget, e.g. 8G (default: 80%% of free)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+
+def _index_dtype_arg(p: argparse.ArgumentParser) -> None:
+    from .isa import CHOICES
+
+    p.add_argument("--index-dtype", choices=CHOICES, default="auto",
+                   help="the lightning indexer's keys; auto = bfloat16 on CUDA and on CPUs that compute in bf16 "
+                        "(AMX, AVX512-BF16), float32 elsewhere (runtime/isa.py)")
 
 
 def _answer_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -165,7 +174,8 @@ def _engine(args):
         raise BadInput(f"no model folder at {model}{hint}; pass --model DIR")
     t0 = time.perf_counter()
     engine = Engine.from_dir(model, dtype=getattr(torch, args.dtype), device=_device(args), chunk_size=args.chunk_size,
-                             max_context_tokens=args.max_context_tokens, memory_budget_bytes=args.memory_budget)
+                             max_context_tokens=args.max_context_tokens, memory_budget_bytes=args.memory_budget,
+                             index_dtype=args.index_dtype)
     return engine, time.perf_counter() - t0
 
 
@@ -491,7 +501,8 @@ def _plan_parser(sub) -> None:
     p.add_argument("--sessions", type=_positive, default=1, help="sessions held at once")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16",
                    help="cache, activations and the weights not stored quantised")
-    p.add_argument("--index-dtype", choices=sorted(DTYPE_BYTES), default="bfloat16", help="the indexer's keys")
+    p.add_argument("--index-dtype", choices=["auto"] + sorted(DTYPE_BYTES), default="auto",
+                   help="the indexer's keys (auto: runtime/isa.py's choice on a GPU, bfloat16)")
     p.add_argument("--chunk-size", type=_positive, default=DEFAULT_CHUNK, help="prefill chunk in tokens")
     p.add_argument("--check", action="store_true", help="exit with status 1 when it does not fit")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -508,9 +519,11 @@ def cmd_plan(args) -> dict:
         if not (Path(args.model) / "config.json").is_file():
             raise BadInput(f"no model config at {Path(args.model) / 'config.json'}; pass --model DIR or --preset")
         raw, name = read_config(args.model), Path(args.model).name
+    from .isa import name as dtype_name, resolve
+
     linear, experts = formats(raw)
     p = plan(ModelConfig.from_dict(raw), args.world_size, args.gpu_memory, args.context, args.sessions, args.dtype,
-             args.index_dtype, args.chunk_size, linear, experts, name)
+             dtype_name(resolve(args.index_dtype, "cuda")), args.chunk_size, linear, experts, name)
     if not args.json:
         print(p.table())
     return p.to_dict()

@@ -22,6 +22,7 @@ from .conversation import Turn
 from .errors import Cancelled, ContextTooLarge, EngineError
 from .generate import GenerationParams, forward, sample_next
 from .introspect import Capture
+from .isa import resolve as resolve_index_dtype
 from .session import Answer, LoadReport, Piece, PrefillProgress, Session
 from .snapshot import model_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from .timing import LayerTimer
@@ -31,7 +32,7 @@ class Engine:
     def __init__(self, model, tokenizer: Tokenizer, *, chunk_size: int = 2048, max_context_tokens: int | None = None,
                  memory_budget_bytes: int | None = None, chat_reserve_tokens: int = 4096,
                  model_fingerprint: str | None = None, model_dir: str | os.PathLike | None = None,
-                 index_dtype: torch.dtype | None = torch.bfloat16):
+                 index_dtype: str | torch.dtype | None = "auto"):
         cfg = model.config
         if tokenizer.vocab_size > cfg.vocab_size:
             raise EngineError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model's "
@@ -40,7 +41,13 @@ class Engine:
             raise EngineError(f"chunk_size must be positive, got {chunk_size}")
         self.model, self.tokenizer, self.config = model, tokenizer, cfg
         self.chunk_size = chunk_size
-        self.index_dtype = index_dtype  # indexer keys of every session cache (see runtime.cache.Cache)
+        # indexer keys of every session cache (runtime.cache.Cache): "auto" is runtime/isa.py's choice for this
+        # CPU or device, as everywhere; a dtype name or a dtype overrides it, None keeps the model's dtype
+        try:
+            index_dtype = resolve_index_dtype(index_dtype, model.device)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        self.index_dtype = index_dtype
         self.budget = Budget(cfg, model.dtype, index_dtype, max_context_tokens, memory_budget_bytes,
                              chat_reserve_tokens, device=model.device)
         self.model_dir = None if model_dir is None else Path(model_dir)

@@ -40,6 +40,7 @@ import torch
 from . import tasks as T
 from .generate import GenerationParams, generate, prefill
 from .introspect import Capture, span_ranks
+from .isa import CHOICES as INDEX_CHOICES, resolve as resolve_index_dtype
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "assets" / "model"
@@ -129,12 +130,13 @@ def _selection(model, capture: Capture, query_pos: int, value_tokens: tuple[int,
 def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5, 0.75, 1.0), seed: int = 0,
              haystack_paths=None, n: int = 4, chunk: int = 8192, model=None, tokenizer=None,
              max_new_tokens: int | None = None, progress=None, pool=None, values: str = "number",
-             per_haystack: str = "one", index_dtype: torch.dtype | None = None) -> list[dict]:
+             per_haystack: str = "one", index_dtype: str | torch.dtype | None = "auto") -> list[dict]:
     """One dict per (length, depth): kind, length, depth, n, correct, accuracy, recall, rank, first, tokens
     (mean prompt length), seconds (mean wall time per haystack of that length: prefill + all its questions),
     seed, examples (question, answer, output, ok, recall, ranks, first, prompt tokens).
     per_haystack "all": each haystack holds one item per depth (the others are distractors for each
-    question); "one": every depth gets haystacks of its own with a single item (classic NIAH)."""
+    question); "one": every depth gets haystacks of its own with a single item (classic NIAH).
+    index_dtype: the indexer keys' dtype, "auto" as the engine chooses it (runtime/isa.py)."""
     from .cluster import lead_if_distributed
     from .model import load_model
     from .tokenizer import Tokenizer
@@ -145,6 +147,7 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
     if model is None:  # under torchrun: rank 0 drives the ranks' shards (runtime/cluster.py)
         model = lead_if_distributed(load_model(model_dir))
     model.eval()
+    index_dtype = resolve_index_dtype(index_dtype, model.device)
     if tokenizer is None:
         tokenizer = Tokenizer.from_file(model_dir / "tokenizer.json") if (model_dir / "tokenizer.json").is_file() \
             else Tokenizer.default()
@@ -272,6 +275,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--n", type=int, default=4, help="haystacks per length (each holds one item per depth)")
     parser.add_argument("--chunk", type=int, default=8192, help="prefill chunk size in tokens")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--index-dtype", choices=INDEX_CHOICES, default="auto",
+                        help="the lightning indexer's keys; auto = the engine's choice for this CPU (runtime/isa.py)")
     parser.add_argument("--json", action="store_true", help="one JSON object per cell on stdout")
     parser.add_argument("--examples", action="store_true", help="with --json, include every question and output")
     parser.add_argument("--include", nargs="+", default=[], metavar="JSONL",
@@ -360,7 +365,8 @@ def main_eval(args) -> int:
     progress = lambda msg: print(msg, file=sys.stderr, flush=True)
     results = [] if args.render_only else evaluate(
         args.kind, args.model, args.lengths, args.depths, args.seed, args.haystack, n=args.n, chunk=args.chunk,
-        progress=progress, values=args.values, per_haystack=args.per_haystack or "one")
+        progress=progress, values=args.values, per_haystack=args.per_haystack or "one",
+        index_dtype=getattr(args, "index_dtype", "auto"))
     if args.plot:
         merged = {(r["length"], r["depth"]): r for r in load_results(args.include, args.kind) + results}
         cells = sorted(merged.values(), key=lambda r: (r["length"], r["depth"]))

@@ -619,7 +619,7 @@ def main_probe(args) -> int:
     corpus = ingest([args.haystack_dir])
     for s in corpus.skipped:
         print(f"skipped {s.name}: {s.reason}", file=sys.stderr)
-    engine = Engine.from_dir(args.model, chunk_size=args.chunk)
+    engine = Engine.from_dir(args.model, chunk_size=args.chunk, index_dtype=getattr(args, "index_dtype", "auto"))
     load_s = time.perf_counter() - t0
 
     def progress(p: ProbeProgress) -> None:

@@ -55,6 +55,11 @@ def test_bench_end_to_end(tmp_path):
     assert "## Latest runs" in text and "### `r.json`: preset `micro`, random weights" in text
     assert "an older page" not in text and text.endswith(KEEP_MARKER + "\n## Load test\n\nmeasured elsewhere\n")
     assert (tmp_path / "benchmarks.svg").read_text().startswith("<svg")
+    from runtime import isa
+
+    st, m = rs["meta"]["settings"], rs["meta"]["machine"]  # the header: CPU, ISA, threads, the engine's key choice
+    assert st["index_dtype"] == isa.name(isa.choose()) and st["index_dtype_asked"] == "auto"
+    assert m["isa"] == isa.detect().tier and f"ISA {m['isa']}" in text and st["index_layout"] in text
 
 
 def test_page_keeps_the_latest_run_of_each_kind(tmp_path):
@@ -88,6 +93,42 @@ def test_page_keeps_the_latest_run_of_each_kind(tmp_path):
         ("1.65x", "shipped model", "1 thread", "`default-model-1thread-1m-b.json` |")]
     assert all(r[4].split("; ")[0].endswith(" vCPU") for r in rows)  # the CPU, with the threads after it
     assert len(json.loads((tmp_path / "benchmarks.json").read_text())) == 2
+
+
+def test_targets_keep_cpus_apart(tmp_path):
+    """A run on another CPU (an AVX2 EPYC) replaces nothing measured on the Xeon: each target gets a row per CPU,
+    every row from one set, and each section's header names the CPU, its ISA, the threads and the key layout."""
+    import copy
+
+    from bench import report
+    from bench.cli import write_md
+
+    two = json.loads((ROOT / "bench/results/default-model-2threads-1m-c.json").read_text())
+    one = json.loads((ROOT / "bench/results/default-model-1thread-1m-b.json").read_text())
+    epyc = copy.deepcopy(two)
+    epyc["meta"]["machine"].update(cpu_model="AMD EPYC 7B13 64-Core Processor", cpu_flags=["avx2"], isa="AVX2",
+                                   torch_cpu_capability="AVX2")
+    epyc["meta"]["settings"].update(index_dtype="float32", index_layout="float32 (auto: AVX2, no native bf16)")
+    epyc["meta"].update(started="2030-01-01T00:00:00+00:00",
+                        argv=["--model", "assets/model", "--contexts", "4096,1048576", "--threads", "2",
+                              "--json", "bench/results/epyc.json"])
+    epyc["runs"][1]["decode_ratio_vs_ref"] = 4.21
+    md = tmp_path / "B.md"
+    write_md([epyc, one, two], md, tmp_path)
+    text = md.read_text()
+    assert "`epyc.json`" in text and "`default-model-2threads-1m-c.json`" in text  # both sections kept
+    rows = [r.split(" | ") for r in text.splitlines() if r.startswith("| Decode at 1,048,576")]
+    assert [(r[1][:5], r[4], r[5]) for r in rows] == [
+        ("1.38x", "Intel Xeon with AMX, 2 vCPU; 2 threads", "`default-model-2threads-1m-c.json` |"),
+        ("1.65x", "Intel Xeon with AMX, 2 vCPU; 1 thread", "`default-model-1thread-1m-b.json` |"),
+        ("4.21x", "AMD EPYC 7B13 64-Core with AVX2, 2 vCPU; 2 threads", "`epyc.json` |")]
+    prefill = [r for r in text.splitlines() if r.startswith("| Prefill of 1,048,576")]
+    assert len(prefill) == 3 and sum("AMD EPYC" in r for r in prefill) == 1
+    head = report.console(epyc).splitlines()
+    assert "AMD EPYC 7B13 64-Core Processor (ISA AVX2, torch kernels AVX2)" in head[0]
+    assert "torch threads 2" in head[0] and "indexer keys float32 (auto: AVX2, no native bf16)" in head[1]
+    old = report.console(two).splitlines()  # recorded before the ISA was: read from its CPU flags
+    assert "(ISA AMX)" in old[0] and "indexer keys bfloat16" in old[1]
 
 
 def test_archive_is_reproducible(tmp_path):

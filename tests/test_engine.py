@@ -198,8 +198,9 @@ def test_too_large_corpus_refused_before_prefill(corpus_paths, engine):
         tight.new_session().load_corpus(corpus_paths)
     per = tight.cache_bytes_per_token()
     cfg = engine.config
-    # 2 CSA (fp32 entries, bf16 indexer keys: Engine's index_dtype) + 1 HCA
-    assert per == 2 * (4 * cfg.head_dim + 2 * cfg.index_head_dim) / 4 + 4 * cfg.head_dim / 16
+    # 2 CSA (fp32 entries, indexer keys in the Engine's index_dtype: runtime/isa.py's choice) + 1 HCA
+    key = tight.index_dtype.itemsize
+    assert per == 2 * (4 * cfg.head_dim + key * cfg.index_head_dim) / 4 + 4 * cfg.head_dim / 16
     assert e.value.fits == int((20_000 - tight.fixed_cache_bytes()) / per) - 64
     # the model's own context is a limit too
     huge = write_corpus(Path(corpus_paths[0]).parent.parent / "huge", lines=700, needle_at=None)
