@@ -46,7 +46,7 @@ def test_round_trip_is_exact(engine, corpus_paths, saved, tmp_path):
     second = engine.new_session()
     again = second.load_corpus(corpus_paths, snapshot_dir=d)
     assert again.source == "snapshot" and again.snapshot == report.snapshot
-    assert again.timings["prefill_tokens"] == 0 and again.timings["snapshot_load_s"] < report.timings["prefill_s"]
+    assert again.timings["prefill_tokens"] == 0  # nothing was prefilled (speed lives in bench/snapshot_bench.py)
     assert torch.equal(second.last_logits, first.last_logits)
     assert list(second.layout.ids) == list(first.layout.ids) and second.cache.nbytes() == first.cache.nbytes()
     params = GenerationParams(max_new_tokens=3)
