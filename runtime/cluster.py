@@ -81,6 +81,7 @@ def _broadcast_tensors(tensors: dict[str, torch.Tensor | None]) -> dict[str, tor
     return out
 
 
+_UNANNOUNCED = ("hidden",)  # model methods that compute but are not operations the followers replay
 _model_device = torch.device("cpu")  # where followers put the tensors they receive (the model's device)
 
 
@@ -133,6 +134,8 @@ class Leader:
         atexit.register(self.close)
 
     def __getattr__(self, name):  # config, dtype, device, layers, attach_timer, ...
+        if name in _UNANNOUNCED:  # would run the model on rank 0 alone: the other ranks would never join
+            raise AttributeError(f"{name} cannot be called on a model spread over ranks; use the model's call")
         return getattr(self.model, name)
 
     @property
@@ -177,6 +180,11 @@ class Leader:
         return self._run(message, lambda: self.model(input_ids, cache, capture, logits_to_keep, steering))
 
     forward = __call__
+
+    def decode(self, input_ids, cache, capture=None):
+        """One-token step (runtime/generate.decode_one_token): the model's `decode`, replayed by every rank."""
+        message = ["decode", cache._uid, input_ids.cpu(), capture is not None]
+        return self._run(message, lambda: self.model.decode(input_ids, cache, capture))
 
     def new_cache(self, batch_size: int = 1, index_dtype: torch.dtype | None = None) -> "RemoteCache":
         cache = RemoteCache(self, self.model.config, batch_size, index_dtype)
@@ -296,6 +304,10 @@ def follow(model) -> None:
                 uid, ids, capture, keep, steering = args
                 with torch.no_grad():
                     model(ids.to(model.device), caches[uid], Capture() if capture else None, keep, steering)
+            elif kind == "decode":
+                uid, ids, capture = args
+                with torch.no_grad():
+                    model.decode(ids.to(model.device), caches[uid], Capture() if capture else None)
             elif kind == "new_cache":
                 uid, batch, index_dtype = args
                 caches[uid] = model.new_cache(batch, index_dtype)
