@@ -49,8 +49,13 @@ class Compressor(nn.Module):
     def forward(self, x: torch.Tensor, state: CompressorState, inv_freq: torch.Tensor, offset: int = 0) -> int:
         """Pools every window completed by x's tokens into state.entries; returns how many were added.
         `offset`: added to each new entry's RoPE position (Transformer.hidden's position_offset)."""
-        B = x.shape[0]
-        kv, gate = self.wkv(x), self.wgate(x)  # [B, S, c*dim]
+        return self.absorb(self.wkv(x), self.wgate(x), state, inv_freq, offset)
+
+    def absorb(self, kv: torch.Tensor, gate: torch.Tensor, state: CompressorState, inv_freq: torch.Tensor,
+               offset: int = 0) -> int:
+        """forward's pooling of the projections kv = wkv(x), gate = wgate(x) [B, S, c*dim] (the compiled
+        decode step, runtime/compiled.py, projects inside its fused region and pools here)."""
+        B = kv.shape[0]
         if state.buffer_kv is not None and state.buffer_kv.shape[1]:
             kv = torch.cat([state.buffer_kv, kv], dim=1)
             gate = torch.cat([state.buffer_gate, gate], dim=1)
@@ -77,7 +82,7 @@ class Compressor(nn.Module):
             ckv, cgate = slots_kv, slots_gate
         alpha = cgate.softmax(dim=2, dtype=torch.float32).to(ckv.dtype)
         pooled = self.norm((ckv * alpha).sum(dim=2))  # [B, nw, dim]
-        pos = (state.count + torch.arange(nw, device=x.device)) * r + offset  # each entry sits at its window start
+        pos = (state.count + torch.arange(nw, device=kv.device)) * r + offset  # each entry sits at its window start
         cos, sin = rope_cos_sin(inv_freq, pos, pooled.dtype)
         state.entries.append(apply_rope(pooled, cos, sin))
         return nw
@@ -130,7 +135,10 @@ def one_query_logits(keys: torch.Tensor, q: torch.Tensor, group: int = 4) -> tor
     out = keys.new_empty(N, H)
     m = N // group * group
     if m:
-        qb = torch.block_diag(*[q] * group)  # [g*H, g*d]
+        # the block-diagonal [g*H, g*d] query (block (i, i) = q): two ops, not block_diag's ~100 us of copies
+        qb = q.new_zeros(group, H, group, d)
+        qb.diagonal(dim1=0, dim2=2).copy_(q.unsqueeze(-1).expand(H, d, group))
+        qb = qb.view(group * H, group * d)
         torch.mm(keys[:m].view(m // group, group * d), qb.t(), out=out[:m].view(m // group, group * H))
     if m < N:
         torch.mm(keys[m:], q.t(), out=out[m:])
@@ -290,21 +298,14 @@ class Attention(nn.Module):
         and the window still use `positions` (token indices). Only training sets it (Transformer.hidden).
         steering: a runtime.steering.Steering for this forward's CSA selection (None: the default path).
         """
-        B, S, _ = x.shape
-        H, d = self.n_heads, self.head_dim
         cos, sin = rope_cos_sin(self.inv_freq, positions + offset, x.dtype)  # [S, r/2]
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, S, d]; keys and values alike
+        kv = self.kv_row(x, cos, sin)
         if keep:
             x_all, x, positions, cos, sin = x, x[:, -keep:], positions[-keep:], cos[-keep:], sin[-keep:]
-            S = keep
         else:
             x_all = x
-        cq = self.q_norm(self.wq_a(x))  # [B, S, q_lora_rank]; also feeds the indexer
-        q = unweighted_rms_norm(self.wq_b(cq).view(B, S, H, d), self.cfg.rms_norm_eps)  # [B, S, H, d]
-        q = apply_rope(q, cos[:, None], sin[:, None])
-
-        keys = kv if lc.window is None else torch.cat([lc.window, kv], dim=1)  # [B, Lw, d]
-        lc.window = keys[:, keys.shape[1] - min(keys.shape[1], self.window - 1):].clone()
+        cq, q = self.queries(x, cos, sin)
+        keys = self.extend_window(lc, kv)
         entries = iq = iw = ikeys = None
         if self.compressor is not None:
             self.compressor(x_all, lc.kv, self.inv_freq, offset)
@@ -321,8 +322,30 @@ class Attention(nn.Module):
             steer = (steering.index_topk or self.indexer.topk, *steering.entry_masks(n, self.rate, x.device))
         run = self._eager if impl == "eager" else self._sparse
         o = run(q, keys, positions, entries, iq, iw, ikeys, capture, steer)  # [B, S, H, d]
-        o = apply_rope(o, cos[:, None], -sin[:, None])  # undo the values' rotation at the query position
+        return self.output(o, cos, sin)
 
+    # Pieces of forward that the compiled decode step (runtime/compiled.py) also calls, in its fused regions.
+    def kv_row(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The new tokens' K = V rows [B, S, d]: projected, normalised, rotated."""
+        return apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
+
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """(cq [B, S, q_lora_rank], which also feeds the indexer; rotated queries q [B, S, H, d])."""
+        B, S, _ = x.shape
+        cq = self.q_norm(self.wq_a(x))
+        q = unweighted_rms_norm(self.wq_b(cq).view(B, S, self.n_heads, self.head_dim), self.cfg.rms_norm_eps)
+        return cq, apply_rope(q, cos[:, None], sin[:, None])
+
+    def extend_window(self, lc: LayerCache, kv: torch.Tensor) -> torch.Tensor:
+        """The keys the new tokens' window reads [B, Lw, d]; lc.window becomes their last window-1 (a new tensor)."""
+        keys = kv if lc.window is None else torch.cat([lc.window, kv], dim=1)
+        lc.window = keys[:, keys.shape[1] - min(keys.shape[1], self.window - 1):].clone()
+        return keys
+
+    def output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Attention output o [B, S, H, d] -> [B, S, D]: de-rotated, grouped low-rank projection."""
+        B, S = o.shape[:2]
+        o = apply_rope(o, cos[:, None], -sin[:, None])  # undo the values' rotation at the query position
         G = self.o_groups
         o = o.reshape(B, S, G, -1)  # [B, S, G, H*d/G]; group g holds heads g*H/G .. (g+1)*H/G-1
         wo_a = self.wo_a.dequantized(o.dtype) if hasattr(self.wo_a, "dequantized") else self.wo_a.weight
@@ -400,9 +423,9 @@ class Attention(nn.Module):
             qb, pos = q_blocks[bi], positions[qs:qe]
             k0 = max(0, off + qs - self.window + 1)  # first key any query of the block can see
             kw = keys[:, k0 : off + qe]  # [B, Lb, d]
-            band = self._window_mask(pos, off + qe, k0)  # [Sq, Lb]
             lw = torch.einsum("bqhd,bkd->bhqk", qb, kw) * scale
-            lw = lw.masked_fill(~band, NEG_INF)
+            if S > 1:  # one new token (decode) sees all of the <= window keys: its band is all true
+                lw = lw.masked_fill(~self._window_mask(pos, off + qe, k0), NEG_INF)  # band [Sq, Lb]
             sel = sel_scores = kc = oc = None
             if n:
                 thr = (pos + 1) // self.rate

@@ -10,7 +10,9 @@ layout; the caller passes ids and the ids that end an answer.
     for token in gen: ...                                            # gen.stop_reason afterwards
 
 The model is any callable `model(input_ids [1, S], cache, capture=..., logits_to_keep=1)` returning
-[1, S', vocab] logits and extending `cache` by S (tests drive it with a mock), with `.device`.
+[1, S', vocab] logits and extending `cache` by S (tests drive it with a mock), with `.device`; where it also has
+`decode(input_ids [1, 1], cache, capture)` (runtime.model.Transformer: the compiled step of runtime/compiled.py
+unless the model decodes eagerly), decode_one_token steps through that.
 """
 
 from __future__ import annotations
@@ -67,8 +69,13 @@ def forward(model, ids: Sequence[int], cache, capture=None, lock: contextlib.Abs
 
 
 def decode_one_token(model, token: int, cache, capture=None, lock=None) -> torch.Tensor:
-    """One decode step: feed `token`, return the next token's logits [vocab]."""
-    return forward(model, (token,), cache, capture, lock)
+    """One decode step: feed `token`, return the next token's logits [vocab]. A model with a `decode` method
+    (runtime.model.Transformer) takes the step there: its compiled step when enabled, else its forward."""
+    if not hasattr(model, "decode"):
+        return forward(model, (token,), cache, capture, lock)
+    x = torch.tensor([[token]], dtype=torch.long, device=model.device)  # [1, 1]
+    with lock if lock is not None else contextlib.nullcontext(), torch.no_grad():
+        return model.decode(x, cache, capture)[0, -1]
 
 
 def prefill(model, ids: Sequence[int], cache, *, chunk_size: int = 2048, capture=None,

@@ -9,6 +9,7 @@ assignment, not renaming; runtime/checkpoint.py maps the other spellings onto th
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -70,6 +71,10 @@ class Transformer(nn.Module):
     inputs on every rank, each call returns the same full logits everywhere."""
 
     timer = None  # see attach_timer
+    # "fast": one-token steps (`decode`) run runtime/compiled.py's compiled step, built at the first one;
+    # "eager": the forward, the reference. load_model picks "fast" (see there); a model built here is eager.
+    decode_impl = "eager"
+    fast_decode = None  # the runtime.compiled.FastDecode in use
 
     def __init__(self, cfg: ModelConfig, shard: Shard = SINGLE):
         super().__init__()
@@ -127,22 +132,28 @@ class Transformer(nn.Module):
             raise ValueError(f"{cache.length + S + position_offset} positions exceed max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         positions = torch.arange(cache.length, cache.length + S, device=input_ids.device)
-        x = self._embed(input_ids)
-        streams = x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, S, n, D]
+        streams = self.streams(input_ids)
         keep = keep if 0 < keep < S else 0
         last = len(self.layers) - 1
         for i, (layer, lc) in enumerate(zip(self.layers, cache.layers)):
             streams = layer(streams, input_ids, positions, lc, self.attn_impl, capture, keep if i == last else 0,
                             position_offset, steering)
         cache.length += S
-        # hyper-head: collapse the n streams with input-dependent weights (no post, no Sinkhorn)
-        c = self.config
         with region(self.timer, "mhc"):
-            flat = unweighted_rms_norm(streams.flatten(2).float(), c.rms_norm_eps)
-            pre = torch.sigmoid(nn.functional.linear(flat, self.hc_head_fn.float()) * self.hc_head_scale.float()
-                                + self.hc_head_base.float()) + c.hc_eps
-            x = hc_collapse(streams, pre)
+            x = self.hyper_head(streams)
         return self.norm(x)
+
+    def streams(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The n residual streams [B, S, n, D] of the tokens, each their embedding."""
+        return self._embed(input_ids).unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+
+    def hyper_head(self, streams: torch.Tensor) -> torch.Tensor:
+        """The n streams collapsed with input-dependent weights (no post, no Sinkhorn): [B, S, D]."""
+        c = self.config
+        flat = unweighted_rms_norm(streams.flatten(2).float(), c.rms_norm_eps)
+        pre = torch.sigmoid(nn.functional.linear(flat, self.hc_head_fn.float()) * self.hc_head_scale.float()
+                            + self.hc_head_base.float()) + c.hc_eps
+        return hc_collapse(streams, pre)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.shard.active:
@@ -163,6 +174,18 @@ class Transformer(nn.Module):
         cache = cache if cache is not None else self.new_cache(input_ids.shape[0])
         logits = self.head(self.hidden(input_ids, cache, capture, logits_to_keep, steering=steering)).float()
         return gather_last(logits, self.shard)  # [B, S, vocab] on every rank
+
+    def decode(self, input_ids: torch.Tensor, cache: Cache, capture=None) -> torch.Tensor:
+        """Logits [B, 1, vocab] of one new token per sequence (input_ids [B, 1]): the compiled step when
+        enabled and it applies (runtime/compiled.py), else the forward -- the reference."""
+        if self.decode_impl == "fast":
+            if self.fast_decode is None:
+                from .compiled import FastDecode
+                self.fast_decode = FastDecode(self)
+            logits = self.fast_decode(input_ids, cache, capture)
+            if logits is not None:
+                return logits
+        return self(input_ids, cache, capture=capture, logits_to_keep=1)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> "Transformer":
@@ -209,7 +232,7 @@ class Transformer(nn.Module):
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               quantized: str = "keep") -> Transformer:
+               quantized: str = "keep", decode: str | None = None) -> Transformer:
     """A model from a folder holding config.json and safetensors weights (any supported spelling).
 
     Under an initialised process group (runtime/parallel.py) it is this rank's shard, read slice by slice
@@ -217,7 +240,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     quantized: "keep" holds FP8 / FP4 weights as stored (runtime/qlinear.py dequantises them on the fly, so
     they take about their file size); "dequantize" expands them into `dtype` at load. `dtype` is that of
     everything else: the other weights, the activations and the cache.
+    decode: "fast" or "eager" (Transformer.decode_impl); None: $LONGLENS_DECODE if set, else "fast" (the compiled
+    step, runtime/compiled.py, where it applies: on CPU, without a process group; it compiles at the first decode
+    step and falls back to the forward, saying so once, where it cannot).
     """
+    decode = decode or os.environ.get("LONGLENS_DECODE") or "fast"
+    if decode not in ("fast", "eager"):
+        raise ValueError(f"decode must be 'fast' or 'eager', got {decode!r}")
     from . import parallel
     from .checkpoint import KEEP_FP32, load_state_dict, quantized_weights, read_config
 
@@ -256,4 +285,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     for mod in model.modules():  # non-persistent buffers (rope tables) are rebuilt off the meta device
         if isinstance(mod, Attention):
             mod.inv_freq = rope_inv_freq(cfg, compress=mod.compressor is not None)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    model.decode_impl = decode
+    return model

@@ -78,6 +78,11 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         w, idx = self.gate(x, ids.reshape(-1))
+        return (all_reduce(self.routed(x, w, idx), self.shard) + self.shared_experts(x)).view(shape)
+
+    def routed(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Sum over the routed experts this rank holds [N, D] of tokens x [N, D] with gate weights w [N, k]
+        for experts idx [N, k]; each expert's rows are added in ascending expert order."""
         out = torch.zeros_like(x)
         # Each expert runs once on the tokens routed to it (a python loop over experts with work).
         flat = idx.flatten()
@@ -93,4 +98,4 @@ class MoE(nn.Module):
                 y = expert(x[tok]) * weight_of[start : start + c, None]
                 out.index_add_(0, tok, y.to(out.dtype))
             start += c
-        return (all_reduce(out, self.shard) + self.shared_experts(x)).view(shape)
+        return out
