@@ -283,7 +283,8 @@ def measure(folder, tokens: int, decode: int, chunk: int, dtype: torch.dtype, de
     """Load (weights kept quantised), bytes, fast prefill + decode, then the reference replay: the record,
     and the fast path's logits [decode + 1, vocab]."""
     t = time.perf_counter()
-    model = load_model(folder, device=device, dtype=dtype, quantized="keep")
+    # the eager step: the comparison is of the quantised matmuls, not of runtime/compiled.py's step
+    model = load_model(folder, device=device, dtype=dtype, quantized="keep", decode="eager")
     load_s = time.perf_counter() - t
     fbytes, rbytes = file_bytes(folder), resident_bytes(model)
     cfg = model.config

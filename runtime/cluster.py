@@ -221,6 +221,11 @@ class Leader:
                 self._run(["stop"], lambda: None)
             except RankFailed:
                 pass
+        if dist.is_initialized():  # leaving gloo's threads running at exit aborts the process
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 -- a failed peer: nothing left to tear down cleanly
+                pass
 
     def _heartbeat(self) -> None:
         while not self._closed.wait(HEARTBEAT_S):

@@ -147,7 +147,6 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
     if model is None:  # under torchrun: rank 0 drives the ranks' shards (runtime/cluster.py)
         model = lead_if_distributed(load_model(model_dir))
     model.eval()
-    index_dtype = resolve_index_dtype(index_dtype, model.device)
     if tokenizer is None:
         tokenizer = Tokenizer.from_file(model_dir / "tokenizer.json") if (model_dir / "tokenizer.json").is_file() \
             else Tokenizer.default()
@@ -159,6 +158,7 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
         else:
             need = int(max(lengths) * 3.6) + 500_000
             pool = T.TokenPool.corpus("heldout", need, tok)
+    index_dtype = resolve_index_dtype(index_dtype, model.device)  # after the pool: its manifest check comes first
     cells = {(L, d): [] for L in lengths for d in depths}
     secs = {L: 0.0 for L in lengths}
     if per_haystack not in ("all", "one"):

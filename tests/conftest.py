@@ -18,6 +18,10 @@ if "GRADIO_TEMP_DIR" not in os.environ:
 import pytest
 import torch
 
+# The suite runs the eager decode step (the reference): compiling the fast one (runtime/compiled.py) costs
+# 6-60 s per model and process, and tests/test_compiled.py checks the two agree. Subprocesses inherit it.
+os.environ.setdefault("LONGLENS_DECODE", "eager")
+
 from helpers import ASSETS, SHIPPED, launch_app, write_corpus
 from hf_oracle import CSA, HCA, SL, random_hf_model, tiny_config
 

@@ -115,7 +115,8 @@ def test_compiled_step_matches_eager_on_a_tiny_model():
     assert caches[0].length == caches[1].length == 40 + 24
 
 
-def test_compiled_step_matches_eager_on_the_shipped_model():
+def test_compiled_step_matches_eager_on_the_shipped_model(monkeypatch):
+    monkeypatch.delenv("LONGLENS_DECODE", raising=False)  # conftest sets eager for the rest of the suite
     model = runtime.load_model(SHIPPED)
     assert model.decode_impl == "fast"  # load_model's default
     fast = compiled.FastDecode(model)
@@ -129,6 +130,7 @@ def test_compiled_step_matches_eager_on_the_shipped_model():
 
 
 def test_decode_one_token_takes_the_fast_step_and_load_model_picks_it(monkeypatch):
+    monkeypatch.delenv("LONGLENS_DECODE", raising=False)  # conftest sets eager for the rest of the suite
     model = runtime.load_model(SHIPPED)
     cache = model.new_cache()
     with torch.no_grad():

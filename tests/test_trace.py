@@ -182,8 +182,11 @@ def test_sglang_known_sparse_selection_gives_its_cells(live):
     csa, _ = shown.selection(None, counts=True)
     for l in (1, 3):
         np.testing.assert_array_equal(csa[l], expected[l])
-    z = heat_z(shown, True)
-    np.testing.assert_array_equal(np.nan_to_num(z), np.vstack([expected[1], expected[3]]))
+    z = np.nan_to_num(heat_z(shown, True))
+    want = np.vstack([expected[1], expected[3]])
+    # the figure may show one more (partly filled, never picked) entry column past the last query's closed ones
+    assert want.shape[1] <= z.shape[1] <= want.shape[1] + 1 and not z[:, want.shape[1]:].any()
+    np.testing.assert_array_equal(z[:, : want.shape[1]], want)
     assert [t.token_id for t in shown.tokens] == [-1] * T and shown.sources
 
 
