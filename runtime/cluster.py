@@ -127,7 +127,6 @@ class Leader:
         self._depth = 0  # > 0 while an operation runs: nested cache calls inside it are not announced
         self._ids = itertools.count(1)
         self._freed: list[int] = []
-        self._last = 0.0
         self._beat = threading.Thread(target=self._heartbeat, name="longlens-heartbeat", daemon=True)
         self._closed = threading.Event()
         self._beat.start()
