@@ -227,14 +227,14 @@ def load_state_dict(folder, expected: dict[str, tuple[tuple[int, ...], torch.dty
         out: dict[str, torch.Tensor] = {}
         for name, (path, raw) in tensors.items():  # header order: file by file
             cut = slices(name)
+            shape = handles[path].get_slice(raw).get_shape()  # as stored (header only)
             if fused := _FUSED.search(canonical_name(raw)):
                 # one fused transformers tensor [E, ...] stands for E expert tensors: read expert e's part
                 e, w = int(name.split(".")[-3]), name.split(".")[-2]
-                half = handles[path].get_slice(raw).get_shape()[1] // 2
+                half = shape[1] // 2
                 rows = slice(None) if w == "w2" else slice(0, half) if w == "w1" else slice(half, 2 * half)
                 t = read(path, raw, (e, rows))
             else:
-                shape = handles[path].get_slice(raw).get_shape()
                 t = read(path, raw, None if cut is None else window(cut, shape))
             scale_name = name.removesuffix(".weight") + ".scale"
             where = f"in {path.name}"
@@ -244,7 +244,7 @@ def load_state_dict(folder, expected: dict[str, tuple[tuple[int, ...], torch.dty
                 scut = None
                 if cut is not None:
                     try:
-                        scut = _scale_window(name, cut, t.dtype, block, handles[path].get_slice(raw).get_shape()[cut[0]])
+                        scut = _scale_window(name, cut, t.dtype, block, shape[cut[0]])
                     except CheckpointError:
                         if kept:
                             raise

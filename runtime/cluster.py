@@ -65,7 +65,7 @@ def _send(message: list) -> list:
     return box[0]
 
 
-def _broadcast_tensors(tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+def _broadcast_tensors(tensors: dict[str, torch.Tensor | None], device: torch.device) -> dict[str, torch.Tensor | None]:
     """rank 0's named tensors on every rank (others pass {}): names, shapes and dtypes first, then the data
     over the default group (NCCL moves device tensors without a host copy)."""
     lead = dist.get_rank() == 0
@@ -75,14 +75,13 @@ def _broadcast_tensors(tensors: dict[str, torch.Tensor | None]) -> dict[str, tor
         if meta is None:
             out[name] = None
             continue
-        t = tensors[name].contiguous() if lead else torch.empty(meta[0], dtype=meta[1], device=_model_device)
+        t = tensors[name].contiguous() if lead else torch.empty(meta[0], dtype=meta[1], device=device)
         dist.broadcast(t, src=0)
         out[name] = t
     return out
 
 
 _UNANNOUNCED = ("hidden",)  # model methods that compute but are not operations the followers replay
-_model_device = torch.device("cpu")  # where followers put the tensors they receive (the model's device)
 
 
 # ------------------------------------------------------------------------------------------ entry points
@@ -119,8 +118,6 @@ class Leader:
     """The model as rank 0's engine sees it: same calls, each one replayed by every follower."""
 
     def __init__(self, model, on_failure=None):
-        global _model_device
-        _model_device = model.device
         self.model, self.on_failure = model, on_failure
         self.failed: str | None = None
         self._lock = threading.RLock()
@@ -198,9 +195,9 @@ class Leader:
         tagged = [self._tag(m) for m in marks]
 
         def local():
-            _broadcast_tensors(cache.state())
+            _broadcast_tensors(cache.state(), self.model.device)
             for m in marks:
-                _broadcast_tensors(m.state())
+                _broadcast_tensors(m.state(), self.model.device)
         meta = [(m.length, m.entry_counts()) for m in marks]
         self._run(["adopt", remote._uid, cache.length, cache.entry_counts(), cache.batch_size, cache.index_dtype,
                    [m._uid for m in tagged], meta], local)
@@ -288,8 +285,6 @@ class _RemoteCheckpoint(Checkpoint):
 # ------------------------------------------------------------------------------------------ other ranks
 def follow(model) -> None:
     """Replay rank 0's operations on this rank's shard until it says stop (or stops answering)."""
-    global _model_device
-    _model_device = model.device
     caches: dict[int, Cache] = {}
     marks: dict[int, CacheMark] = {}
     checkpoints: dict[int, Checkpoint] = {}
@@ -329,9 +324,9 @@ def follow(model) -> None:
                 checkpoints.pop(args[0]).restore()
             elif kind == "adopt":
                 uid, length, counts, batch, index_dtype, mark_uids, mark_meta = args
-                caches[uid] = Cache.from_state(model.config, _broadcast_tensors({}), length, counts, batch, index_dtype)
+                caches[uid] = Cache.from_state(model.config, _broadcast_tensors({}, model.device), length, counts, batch, index_dtype)
                 for muid, (mlen, mcounts) in zip(mark_uids, mark_meta):
-                    marks[muid] = CacheMark.from_state(mlen, mcounts, _broadcast_tensors({}), model.config)
+                    marks[muid] = CacheMark.from_state(mlen, mcounts, _broadcast_tensors({}, model.device), model.config)
         except Exception as e:  # the same error rank 0 met at the same point: both go on
             print(f"[rank {dist.get_rank()}] {kind}: {type(e).__name__}: {e}", flush=True)
 

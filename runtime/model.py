@@ -249,6 +249,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise ValueError(f"decode must be 'fast' or 'eager', got {decode!r}")
     from . import parallel
     from .checkpoint import KEEP_FP32, load_state_dict, quantized_weights, read_config
+    from .plan import check_world_size
 
     if quantized not in ("keep", "dequantize"):
         raise ValueError(f"quantized must be 'keep' or 'dequantize', got {quantized!r}")
@@ -258,7 +259,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     except ConfigError as e:  # name the file: the message alone only names the key
         raise ConfigError(f"{Path(path) / 'config.json'}: {str(e).removeprefix('config.json: ')}") from None
     shard = parallel.current()
-    parallel.check_world_size(cfg, shard.world)
+    check_world_size(cfg, shard.world)  # before anything is read
     with torch.device("meta"):
         model = Transformer(cfg, shard)
         kinds = quantized_weights(path) if quantized == "keep" else {}

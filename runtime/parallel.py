@@ -24,7 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -83,14 +83,6 @@ def _resolve(device: str, local_rank: int = 0) -> torch.device:
     return d
 
 
-def check_world_size(cfg: ModelConfig, world: int) -> None:
-    """Refuse a world size that does not split the model evenly, before anything loads (runtime/plan.py
-    holds the rules, so the planner and the loader cannot disagree)."""
-    from .plan import check_world_size as check
-
-    check(cfg, world)
-
-
 # ------------------------------------------------------------------------------------------ collectives
 def all_reduce(t: torch.Tensor, shard: Shard) -> torch.Tensor:
     """Sum of t over ranks, in place (identity on one process)."""
@@ -137,5 +129,5 @@ def slice_of(name: str, cfg: ModelConfig, shard: Shard) -> tuple[int, int, int] 
     return None
 
 
-__all__ = ["SINGLE", "Shard", "all_reduce", "check_world_size", "current", "gather_last", "init_from_env",
+__all__ = ["SINGLE", "Shard", "all_reduce", "current", "gather_last", "init_from_env",
            "slice_of", "under_torchrun"]

@@ -24,7 +24,8 @@ from live_server import free_port
 from hf_oracle import CSA, HCA, SL, tiny_config
 from runtime.config import ConfigError, ModelConfig
 from runtime.model import Transformer
-from runtime.parallel import Shard, check_world_size, slice_of
+from runtime.parallel import Shard, slice_of
+from runtime.plan import check_world_size
 from runtime.quant import save_official
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
