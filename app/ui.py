@@ -37,6 +37,7 @@ def load_engine(settings):
                                  max_context_tokens=settings.max_context, index_dtype=settings.index_dtype)
     except (ValueError, OSError) as e:  # EngineError, ConfigError, CheckpointError: all ValueErrors
         return None, f"{e}"
+    engine.warm_up()  # the compiled decode step builds while the user picks files, not in the first answer
     return engine, None
 
 

@@ -111,9 +111,8 @@ class Indexer(nn.Module):
         if keys.dtype == torch.bfloat16:  # bf16 keys (Cache.index_dtype): bf16 matmul, fp32 from here on
             # keys @ q^T streams the [N, d] keys row by row: ~40x faster on CPU than q @ keys^T in bf16
             if B * Sq == 1:  # decode
-                s = one_query_logits(keys[0], q.reshape(H, d).to(keys.dtype))[None]  # [1, N, H_I]
-                # contiguous [H_I, N]: the head-sum bmm reads it ~3x faster than the strided view
-                s = s.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+                s = one_query_logits(keys[0], q.reshape(H, d).to(keys.dtype))  # [N, H_I]
+                return one_query_head_sum(s, w.reshape(H) * d ** -0.5).view(1, 1, -1)
             else:
                 s = torch.matmul(keys, q.reshape(B, Sq * H, d).to(keys.dtype).transpose(1, 2))  # [B, N, Sq*H_I]
                 s = s.transpose(1, 2).float()  # strided view: the head-sum bmm reads it as fast as a copy
@@ -142,6 +141,26 @@ def one_query_logits(keys: torch.Tensor, q: torch.Tensor, group: int = 4) -> tor
         torch.mm(keys[:m].view(m // group, group * d), qb.t(), out=out[:m].view(m // group, group * H))
     if m < N:
         torch.mm(keys[m:], q.t(), out=out[m:])
+    return out
+
+
+def one_query_head_sum(s: torch.Tensor, w: torch.Tensor, group: int = 4) -> torch.Tensor:
+    """relu(s [N, H]) (one query's per-head logits, any float dtype) @ w [H] -> fp32 scores [N]. As in
+    one_query_logits, `group` rows form one row of [N / g, g * H] against a block-diagonal [g * H, g] w:
+    measured here ~2x faster over 262k keys than the transpose to [H, N] and a batched matmul (the head sum
+    is in fp32 either way; the summation order may differ in the last bit)."""
+    N, H = s.shape
+    out = torch.empty(N, dtype=torch.float32, device=s.device)
+    m = N // group * group
+    w = w.float()
+    if m:
+        wb = w.new_zeros(group, H, group)
+        wb.diagonal(dim1=0, dim2=2).copy_(w[:, None].expand(H, group))  # block (j, j) = w
+        # ReLU after the conversion: ~2x faster in fp32 than in bf16 here, and exact either way
+        torch.mm(torch.relu_(s[:m].reshape(m // group, group * H).float()), wb.view(group * H, group),
+                 out=out[:m].view(m // group, group))
+    if m < N:
+        torch.mv(torch.relu(s[m:].float()), w, out=out[m:])
     return out
 
 
@@ -248,9 +267,17 @@ def _prefiltered_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     bound = maxima.topk(k).values[-1]
     if not torch.isfinite(bound):
         return None
-    ids = (row >= bound).nonzero().squeeze(1)  # ascending ids: the tie rule below depends on it
-    if ids.numel() > max(64 * k, n // 16):
-        return None
+    # every score reaching the bound lies in a chunk whose maximum does; typically k chunks: their entries,
+    # in ascending order (the tie rule below depends on it), are the candidates, with no pass over all n
+    chunks = (maxima >= bound).nonzero().squeeze(1)  # [C]
+    if chunks.numel() <= 2 * k:
+        ids = (chunks[:, None] * _CHUNK + torch.arange(_CHUNK, device=row.device)).view(-1)  # [C * CHUNK]
+        if m < n and int(chunks[-1]) == m // _CHUNK:  # the short last chunk
+            ids = ids[: ids.numel() - (_CHUNK - (n - m))]
+    else:  # many chunks reach it (ties among the maxima): the scores that reach it, if few
+        ids = (row >= bound).nonzero().squeeze(1)
+        if ids.numel() > max(64 * k, n // 16):
+            return None
     ind, val = _topk_lowest_id_ties(row[ids][None], k)
     return ids[ind].view(*scores.shape[:-1], k), val.view(*scores.shape[:-1], k)
 
@@ -487,4 +514,5 @@ class Attention(nn.Module):
                     comp if self.layer_type != SLIDING else None)
 
 
-__all__ = ["Attention", "Compressor", "Indexer", "dense_attention", "one_query_logits", "select_topk"]
+__all__ = ["Attention", "Compressor", "Indexer", "dense_attention", "one_query_head_sum", "one_query_logits",
+           "select_topk"]

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from .cache import Cache, CacheMark, Checkpoint
 from .errors import LonglensError
 from .introspect import Capture
-from .parallel import Shard, current, init_from_env
+from .parallel import Shard, current, init_from_env, shutdown
 
 CONTROL_TIMEOUT = timedelta(days=365)  # followers wait this long for the next operation
 HEARTBEAT_S = 15.0
@@ -96,8 +96,15 @@ def follow_if_follower(model_dir, device: str = "auto", dtype: torch.dtype | Non
 
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     follow(load_model(model_dir, dev, dtype, quantized=quantized))
-    dist.destroy_process_group()
+    disconnect()
     return True
+
+
+def disconnect() -> None:
+    """Drop the control group and destroy the process groups (the end of a run, on every rank)."""
+    global _control
+    _control = None  # no reference left to keep the group's threads alive past the teardown
+    shutdown()
 
 
 def lead_if_distributed(model, on_failure=None):
@@ -217,11 +224,7 @@ class Leader:
                 self._run(["stop"], lambda: None)
             except RankFailed:
                 pass
-        if dist.is_initialized():  # leaving gloo's threads running at exit aborts the process
-            try:
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 -- a failed peer: nothing left to tear down cleanly
-                pass
+        disconnect()
 
     def _heartbeat(self) -> None:
         while not self._closed.wait(HEARTBEAT_S):
@@ -331,5 +334,5 @@ def follow(model) -> None:
             print(f"[rank {dist.get_rank()}] {kind}: {type(e).__name__}: {e}", flush=True)
 
 
-__all__ = ["Leader", "RankFailed", "RemoteCache", "connect", "exit_soon", "follow", "follow_if_follower",
+__all__ = ["Leader", "RankFailed", "RemoteCache", "connect", "disconnect", "exit_soon", "follow", "follow_if_follower",
            "lead_if_distributed"]

@@ -39,6 +39,7 @@ see all rows, the eager loop only the routed ones).
     model.decode(ids, cache, capture)  # runtime.model.Transformer: this step when model.decode_impl == "fast"
     runtime.compiled.enable(model)     # decode_impl = "fast" and compile now (a warm-up on a scratch cache)
     runtime.compiled.disable(model)    # back to the eager forward
+    runtime.compiled.warm(model)       # build it now if the model decodes through it (Engine.warm_up: in the background)
 
 The fast step applies to one token per sequence on CPU, outside autograd, without a process group (tensor /
 expert parallel models run eagerly: their all_reduce calls stay in the eager forward), with the sparse
@@ -327,6 +328,24 @@ def enable(model, compile: bool = True, warmup: bool = True) -> FastDecode:
     return fast
 
 
+def pending(model) -> bool:
+    """Whether `model` decodes through the compiled step and has not built it yet: what `warm` would do."""
+    fast = getattr(model, "fast_decode", None)
+    return (getattr(model, "decode_impl", "eager") == "fast" and not model.shard.active
+            and model.device.type == "cpu" and (fast is None or (fast.failed is None and not fast._regions)))
+
+
+def warm(model) -> FastDecode | None:
+    """Build `model`'s compiled step now, as its first decode step would (checked against the eager forward
+    on a scratch cache), so the first answer does not wait for it. The caller holds the engine's lock."""
+    if not pending(model):
+        return model.fast_decode
+    if model.fast_decode is None:
+        model.fast_decode = FastDecode(model)
+    _warm_up(model, model.fast_decode)
+    return model.fast_decode
+
+
 def disable(model) -> None:
     model.decode_impl, model.fast_decode = "eager", None
 
@@ -343,4 +362,4 @@ def _warm_up(model, fast: FastDecode, tol: float = 1e-4) -> None:
         fast.fail(f"warm-up logits differ from the eager model's by {err:.2e} (relative)")
 
 
-__all__ = ["DENSE_EXPERTS", "FastDecode", "disable", "enable"]
+__all__ = ["DENSE_EXPERTS", "FastDecode", "disable", "enable", "pending", "warm"]

@@ -120,6 +120,29 @@ class Engine:
         """Feed `ids` into `cache` under the engine's lock; float logits [vocab] of the last position."""
         return forward(self.model, ids, cache, capture, self.guard())
 
+    def warm_up(self) -> threading.Thread | None:
+        """Build the compiled decode step (runtime/compiled.py) now, in a background thread under the engine's
+        lock, instead of in the first answer (6-60 s on a 2-core CPU; launch.py starts it with the server).
+        None where there is nothing to build (eager decode, a process group, CUDA, already built)."""
+        from .compiled import pending
+
+        if not pending(self.model):
+            return None
+        thread = threading.Thread(target=self._warm, name="longlens-compile", daemon=True)
+        thread.start()
+        return thread
+
+    def _warm(self) -> None:
+        import time
+
+        from .compiled import warm
+
+        t0 = time.perf_counter()
+        with self.guard(), torch.no_grad():
+            fast = warm(self.model)
+        state = "failed; decoding eagerly" if fast is None or fast.failed else "ready"
+        print(f"Longlens: compiled decode step {state} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
     def new_session(self) -> Session:
         return Session(self)
 

@@ -17,6 +17,7 @@ the identity, so single-process numerics are untouched.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -71,7 +72,18 @@ def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> tuple[Shard
             torch.cuda.set_device(want)
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
                                 device_id=want if want.type == "cuda" else None)
+        atexit.register(shutdown)
     return current(), want
+
+
+def shutdown() -> None:
+    """Destroy every process group now, while the interpreter is whole: gloo's threads still running when the
+    process exits can abort it ("terminate called without an active exception"). Safe to call twice."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 -- a failed peer: nothing left to tear down cleanly
+            pass
 
 
 def _resolve(device: str, local_rank: int = 0) -> torch.device:
@@ -129,5 +141,5 @@ def slice_of(name: str, cfg: ModelConfig, shard: Shard) -> tuple[int, int, int] 
     return None
 
 
-__all__ = ["SINGLE", "Shard", "all_reduce", "current", "gather_last", "init_from_env",
+__all__ = ["SINGLE", "Shard", "all_reduce", "current", "gather_last", "init_from_env", "shutdown",
            "slice_of", "under_torchrun"]

@@ -224,6 +224,7 @@ def test_prefiltered_topk_equals_full_topk(n):
         "integers (ties at the k-th)": torch.randint(0, 40, (1, 1, n), generator=g).float(),
         "sparse ReLU": torch.randn(1, 1, n, generator=g).clamp(min=0) * (torch.rand(1, 1, n, generator=g) < 1e-3),
         "all zero": torch.zeros(1, 1, n),
+        "peaks at the end": torch.randn(1, 1, n, generator=g) + torch.linspace(0, 40, n),
     }
     used_fast = set()
     for name, scores in cases.items():
@@ -233,7 +234,8 @@ def test_prefiltered_topk_equals_full_topk(n):
         assert torch.equal(vals.sort(-1).values, ref_vals.sort(-1).values), name
         if _prefiltered_topk(scores, 64) is not None:
             used_fast.add(name)
-    assert {"normal", "integers (ties at the k-th)"} <= used_fast and "all zero" not in used_fast
+    assert {"normal", "integers (ties at the k-th)", "peaks at the end"} <= used_fast
+    assert "all zero" not in used_fast
     # the tie rule: 100 entries share the k-th score, the lowest ids win
     scores = torch.randn(1, 1, n, generator=g) - 10
     scores[..., 1000:1050] = 5.0
@@ -245,7 +247,7 @@ def test_prefiltered_topk_equals_full_topk(n):
 def test_one_query_index_scores():
     """Decode scores a single query against bf16 keys with a grouped block-diagonal matmul; the logits
     match the plain matmul, and the scores those of the same query scored among others (prefill's path)."""
-    from runtime.attention import Indexer, one_query_logits
+    from runtime.attention import Indexer, one_query_head_sum, one_query_logits
 
     g = torch.Generator().manual_seed(0)
     for n in (1, 7, 4099):
@@ -253,6 +255,8 @@ def test_one_query_index_scores():
         q = torch.randn(4, 64, generator=g).bfloat16()
         torch.testing.assert_close(one_query_logits(keys, q).float(), torch.matmul(keys, q.t()).float(),
                                    atol=0, rtol=2 ** -8)  # one bf16 rounding at most (measured: equal)
+        s, w = one_query_logits(keys, q), torch.randn(4, generator=g)
+        torch.testing.assert_close(one_query_head_sum(s, w), torch.relu(s.float()) @ w, atol=1e-6, rtol=1e-6)
     ix = Indexer(runtime.ModelConfig.from_dict(tiny_config()))
     d = ix.head_dim
     keys = torch.randn(1, 5000, d, generator=g).bfloat16()

@@ -200,3 +200,31 @@ def test_enable_warms_up_and_disable_restores_eager():
     assert fast._regions  # compiled during the warm-up
     compiled.disable(model)
     assert model.decode_impl == "eager" and model.fast_decode is None
+
+
+def test_engine_warm_up_builds_the_step_in_the_background_under_the_lock(monkeypatch, tmp_path):
+    """launch.py's engine compiles while the user picks files: the first answer then builds nothing, and a
+    forward asked for meanwhile waits for the lock instead of racing the tracer (which swaps parameters)."""
+    monkeypatch.delenv("LONGLENS_DECODE", raising=False)
+    engine = runtime.Engine.from_dir(SHIPPED)
+    model = engine.model
+    assert compiled.pending(model)
+    with engine.guard():  # a forward in flight: the warm-up waits for it
+        thread = engine.warm_up()
+        assert thread is not None and thread.is_alive()
+        thread.join(0.5)
+        assert thread.is_alive() and model.fast_decode is None
+    thread.join(600)
+    assert not thread.is_alive() and not compiled.pending(model)
+    fast = model.fast_decode
+    assert fast.failed is None and fast._regions and fast.compile_seconds > 0
+    built = fast.compile_seconds
+    session = engine.new_session()
+    (tmp_path / "notes.txt").write_text("The launch code is 4417.\n" * 20)
+    session.load_corpus([tmp_path / "notes.txt"])
+    answers = [ev for ev in session.ask("What is the launch code?", runtime.GenerationParams(max_new_tokens=4))
+               if isinstance(ev, runtime.Answer)]
+    assert answers and fast.compile_seconds == built  # the answer's decode steps built no region
+    assert engine.warm_up() is None  # nothing left to build
+    monkeypatch.setenv("LONGLENS_DECODE", "eager")
+    assert runtime.Engine.from_dir(SHIPPED).warm_up() is None
