@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="the lightning indexer's keys; auto = bfloat16 on CUDA and on CPUs that compute in bf16 "
                         "(AMX, AVX512-BF16), float32 elsewhere (runtime/isa.py)")
+    p.add_argument("--prefill-dtype", default=None, choices=["auto", "bfloat16", "float32", "model"],
+                   help="what prefill's HCA pass over the compressed entries computes in; auto = bfloat16 where the CPU computes bf16 natively (AMX, AVX512-BF16), else the model's dtype; model = the reference (default: $LONGLENS_PREFILL_DTYPE, else auto)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for the LAN)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also serve through a public Gradio share link")
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     malloc_defaults()  # glibc's own trimming while idle; prefills tune it for themselves (large_allocations)
 
     settings = Settings(
-        model_dir=args.model, device=args.device, dtype=args.dtype, index_dtype=args.index_dtype,
+        model_dir=args.model, device=args.device, dtype=args.dtype, index_dtype=args.index_dtype, prefill_dtype=args.prefill_dtype,
         max_file_bytes=parse_size(args.max_file_size),
         max_files=args.max_files, max_context=args.max_context, max_sessions=args.max_sessions,
         snapshot_dir=args.snapshot_dir, concurrency=args.concurrency)
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
     refuse_plan_that_cannot_fit(settings)
     # Under torchrun every rank loads its shard; ranks > 0 follow rank 0's model operations until it stops.
-    if runtime.follow_if_follower(settings.model_dir, settings.device, settings.resolved_dtype()):
+    if runtime.follow_if_follower(settings.model_dir, settings.device, settings.resolved_dtype(),
+                                  prefill_dtype=settings.prefill_dtype):
         return 0
     demo, launch_kwargs = build_demo(settings)
     from runtime.isa import explain

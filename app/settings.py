@@ -15,6 +15,7 @@ class Settings:
     device: str = "auto"  # auto: CUDA when present, else CPU
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     index_dtype: str = "auto"  # the indexer's keys; auto: runtime/isa.py's choice for the device and CPU
+    prefill_dtype: str | None = None  # prefill's HCA pass (runtime.load_model): None = $LONGLENS_PREFILL_DTYPE or auto
     max_file_bytes: int = 50 << 20  # largest single upload (also enforced on archive members)
     max_files: int = 2000  # most files per corpus, archive members included
     max_context: int | None = None  # most tokens per session (None: the model's context)

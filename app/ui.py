@@ -34,7 +34,8 @@ def load_engine(settings):
     try:
         engine = Engine.from_dir(settings.model_dir, dtype=settings.resolved_dtype(),
                                  device=settings.resolved_device(), chunk_size=settings.chunk_size,
-                                 max_context_tokens=settings.max_context, index_dtype=settings.index_dtype)
+                                 max_context_tokens=settings.max_context, index_dtype=settings.index_dtype,
+                                 prefill_dtype=settings.prefill_dtype)
     except (ValueError, OSError) as e:  # EngineError, ConfigError, CheckpointError: all ValueErrors
         return None, f"{e}"
     engine.warm_up()  # the compiled decode step builds while the user picks files, not in the first answer

@@ -65,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
                    help="lightning-indexer key cache (runtime.Cache index_dtype): auto = the app engine's choice for"
                         " this CPU or device (runtime/isa.py: bfloat16 where bf16 is native, else float32; default),"
                         " or a dtype, or the model's dtype")
+    p.add_argument("--prefill-dtype", default="auto", choices=["auto", "bfloat16", "float32", "model"],
+                   help="what prefill's HCA dense pass computes in (runtime.load_model prefill_dtype): auto = the"
+                        " app's choice (bfloat16 where the CPU computes bf16 natively, else the model's dtype)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: usable CPUs)")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens per model call)")
     p.add_argument("--decode-tokens", type=int, default=64, help="decode steps after each prefill (>= 32)")
@@ -106,6 +109,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--label", help="a name for this result set in BENCHMARKS.md")
     p.add_argument("--note", help="a sentence printed under this result set in BENCHMARKS.md")
     return p
+
+
+def prefill_dtype_name(args) -> str:
+    """prefill's HCA pass dtype by name as runtime.load_model resolves it: "bfloat16", "float32" or "model"."""
+    import torch
+
+    return isa.name(isa.resolve_prefill(args.prefill_dtype, args.device, getattr(torch, args.dtype)))
 
 
 def index_dtype_name(args) -> str:
@@ -208,7 +218,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     model_spec, hf_dir = resolve_model(args)
     dtype = getattr(torch, args.dtype)
-    index_dtype = index_dtype_name(args)
+    index_dtype, prefill_dtype = index_dtype_name(args), prefill_dtype_name(args)
     started = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     t_run = time.perf_counter()
     command = _command(argv)
@@ -217,7 +227,7 @@ def main(argv=None) -> int:
 
     mach = machine_info(args.device)
     _log(f"machine: {mach['cpu_model']}, ISA {mach['isa']}, {threads} torch threads; indexer keys "
-         f"{isa.explain(args.index_dtype, args.device)}")
+         f"{isa.explain(args.index_dtype, args.device)}; prefill HCA pass {prefill_dtype}")
     _log(f"machine: measuring the {args.dtype} matmul peak ({args.peak_n}^3) and copy bandwidth")
     meta = {"command": command, "argv": sys.argv if argv is None else argv, "started": started,
             "label": args.label, "note": args.note,
@@ -226,6 +236,7 @@ def main(argv=None) -> int:
             "copy_bandwidth": copy_bandwidth(args.device),
             "settings": {"dtype": args.dtype, "index_dtype": index_dtype, "index_dtype_asked": args.index_dtype,
                          "index_layout": isa.explain(args.index_dtype, args.device),
+                         "prefill_dtype": prefill_dtype, "prefill_dtype_asked": args.prefill_dtype,
                          "chunk": args.chunk, "decode_tokens": args.decode_tokens,
                          "repeats": args.repeats, "single_repeat_above": args.single_repeat_above,
                          "threads": threads, "mem_limit_bytes": None if args.device.startswith("cuda") else limit,
@@ -261,6 +272,7 @@ def main(argv=None) -> int:
     else:
         prof = set(_ints(args.profile)) if args.profile else set()
     base = {"device": args.device, "dtype": args.dtype, "index_dtype": index_dtype, "threads": threads,
+            "prefill_dtype": prefill_dtype,
             "chunk": args.chunk,
             "decode_tokens": args.decode_tokens, "decode_ref_context": args.decode_ref_context,
             "mem_limit_bytes": limit, "peak_n": args.peak_n, **model_spec}

@@ -101,7 +101,7 @@ def model_line(meta: dict, name: str | None = None) -> str:
     if mm.get("summary"):
         s += f"; {mm['summary']}"
     st = meta.get("settings", {})
-    s += (f". dtype {st.get('dtype')}, indexer keys {st.get('index_layout') or st.get('index_dtype', 'model')}, prefill chunk {st.get('chunk')}, {st.get('decode_tokens')} decode tokens,"
+    s += (f". dtype {st.get('dtype')}, indexer keys {st.get('index_layout') or st.get('index_dtype', 'model')}, prefill HCA pass {st.get('prefill_dtype', 'model')}, prefill chunk {st.get('chunk')}, {st.get('decode_tokens')} decode tokens,"
           f" repeats {st.get('repeats')} (1 above {st.get('single_repeat_above'):,} tokens)")
     if st.get("malloc_env"):
         s += ", glibc `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e11` (as the app around each prefill)"

@@ -42,7 +42,8 @@ def build_model(spec: dict):
     device, dtype = spec["device"], torch_dtype(spec["dtype"])
     if spec.get("model_dir"):
         from runtime.checkpoint import read_config
-        model = runtime.load_model(spec["model_dir"], device=device, dtype=dtype)
+        model = runtime.load_model(spec["model_dir"], device=device, dtype=dtype,
+                                   prefill_dtype=spec.get("prefill_dtype", "auto"))
         return model, read_config(spec["model_dir"]), f"checkpoint {spec['model_dir']}"
     cfg = ModelConfig.from_dict(spec["config"])
     model = Transformer(cfg).init_weights(spec.get("seed", 0))
@@ -50,6 +51,9 @@ def build_model(spec: dict):
         for name, p in model.named_parameters():
             if not _keeps_fp32(name):
                 p.data = p.data.to(dtype)
+    from runtime.isa import resolve_prefill
+
+    model.set_prefill_dtype(resolve_prefill(spec.get("prefill_dtype", "auto"), device, dtype))  # as load_model
     return model.to(device).eval(), spec["config"], f"preset {spec.get('preset')} (random weights, seed {spec.get('seed', 0)})"
 
 

@@ -105,6 +105,8 @@ def _index_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index-dtype", choices=CHOICES, default="auto",
                    help="the lightning indexer's keys; auto = bfloat16 on CUDA and on CPUs that compute in bf16 "
                         "(AMX, AVX512-BF16), float32 elsewhere (runtime/isa.py)")
+    p.add_argument("--prefill-dtype", choices=CHOICES + ("model",), default=None,
+                   help="what prefill's HCA pass over the compressed entries computes in; auto = bfloat16 where the CPU computes bf16 natively (AMX, AVX512-BF16), else the model's dtype; model = the reference (default: $LONGLENS_PREFILL_DTYPE, else auto)")
 
 
 def _answer_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -175,7 +177,7 @@ def _engine(args):
     t0 = time.perf_counter()
     engine = Engine.from_dir(model, dtype=getattr(torch, args.dtype), device=_device(args), chunk_size=args.chunk_size,
                              max_context_tokens=args.max_context_tokens, memory_budget_bytes=args.memory_budget,
-                             index_dtype=args.index_dtype)
+                             index_dtype=args.index_dtype, prefill_dtype=args.prefill_dtype)
     return engine, time.perf_counter() - t0
 
 
@@ -194,7 +196,8 @@ def _follower(args) -> bool:
     from .cluster import follow_if_follower
 
     # eval has no --device: it runs on the CPU, and so do its followers
-    return follow_if_follower(args.model, getattr(args, "device", "cpu"), getattr(torch, getattr(args, "dtype", "float32")))
+    return follow_if_follower(args.model, getattr(args, "device", "cpu"), getattr(torch, getattr(args, "dtype", "float32")),
+                              prefill_dtype=getattr(args, "prefill_dtype", None))
 
 
 def _progress(args):

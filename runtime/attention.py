@@ -313,6 +313,9 @@ class Attention(nn.Module):
         # queries per block at most: 128 keeps CPU work near the useful band; on a GPU, where each block
         # costs a few dozen kernel launches, larger blocks trade wasted window logits for fewer launches
         self.query_block = 128
+        # dtype of the fused dense pass over HCA entries in prefill (None: the entries' own, the reference);
+        # Transformer.set_prefill_dtype sets it: bf16 where the CPU computes bf16 natively, ~2.5x faster there
+        self.dense_dtype: torch.dtype | None = None
 
     # -----------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, positions: torch.Tensor, lc: LayerCache, impl: str = "sparse",
@@ -441,6 +444,7 @@ class Attention(nn.Module):
         # split, not slices: in training, each slice's backward writes a zero tensor of the whole input
         # (per block, so O(S^2 / block) memory traffic); split's backward is one concatenation
         q_blocks = q.split(block, dim=1)
+        dense_entries = None  # the entries in dense_dtype, converted once per call (prefill only)
         iq_blocks = iw_blocks = None
         if self.indexer is not None and n:
             iq_blocks, iw_blocks = iq.split(block, dim=1), iw.split(block, dim=1)
@@ -473,7 +477,14 @@ class Attention(nn.Module):
                     t0 = int(thr.min()) if fused else 0
                     parts = []
                     if t0:
-                        oc, lse = dense_attention(qb, entries[:, :t0], scale, torch.get_num_threads())
+                        qd, ed = qb, entries
+                        if S > 1 and self.dense_dtype not in (None, entries.dtype):
+                            if dense_entries is None:
+                                dense_entries = entries.to(self.dense_dtype)
+                            qd, ed = qb.to(self.dense_dtype), dense_entries
+                        oc, lse = dense_attention(qd, ed[:, :t0], scale, torch.get_num_threads())
+                        if qd is not qb:  # back to the model's dtype: the softmax over the parts stays in it
+                            oc, lse = oc.to(qb.dtype), lse.to(qb.dtype)
                         parts.append(lse)  # [B, H, Sq, P]; oc [B, Sq, H, P, d]
                     if t0 < n:
                         kc = entries[:, t0:]

@@ -86,7 +86,7 @@ _UNANNOUNCED = ("hidden",)  # model methods that compute but are not operations 
 
 # ------------------------------------------------------------------------------------------ entry points
 def follow_if_follower(model_dir, device: str = "auto", dtype: torch.dtype | None = None,
-                       quantized: str = "keep") -> bool:
+                       quantized: str = "keep", prefill_dtype: str | None = None) -> bool:
     """For launch.py and the CLIs, first thing: under torchrun, connect; on ranks other than 0 load this
     rank's shard and follow rank 0 until it stops, then return True (the caller exits). Otherwise False."""
     shard, dev = connect(device)
@@ -95,7 +95,7 @@ def follow_if_follower(model_dir, device: str = "auto", dtype: torch.dtype | Non
     from .model import load_model
 
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    follow(load_model(model_dir, dev, dtype, quantized=quantized))
+    follow(load_model(model_dir, dev, dtype, quantized=quantized, prefill_dtype=prefill_dtype))
     disconnect()
     return True
 

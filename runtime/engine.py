@@ -57,8 +57,10 @@ class Engine:
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", **kw) -> "Engine":
-        """Model from `model_dir`; tokenizer from `<model_dir>/tokenizer.json`, else assets/tokenizer.json."""
+                 device: str | torch.device = "cpu", prefill_dtype: str | torch.dtype | None = None,
+                 **kw) -> "Engine":
+        """Model from `model_dir`; tokenizer from `<model_dir>/tokenizer.json`, else assets/tokenizer.json.
+        prefill_dtype: runtime.load_model's (None: $LONGLENS_PREFILL_DTYPE, else auto)."""
         from .model import load_model
 
         model_dir = Path(model_dir)
@@ -69,7 +71,13 @@ class Engine:
         tokenizer = Tokenizer.from_file(tok_path if tok_path.is_file() else DEFAULT_TOKENIZER)
         from .cluster import lead_if_distributed
 
-        model = lead_if_distributed(load_model(model_dir, device=device, dtype=dtype))  # rank 0 under torchrun
+        try:
+            model = load_model(model_dir, device=device, dtype=dtype, prefill_dtype=prefill_dtype)
+        except ValueError as e:
+            if "prefill dtype" not in str(e):
+                raise
+            raise EngineError(str(e)) from None
+        model = lead_if_distributed(model)  # rank 0 under torchrun
         return cls(model, tokenizer, model_dir=model_dir, **kw)
 
     @property

@@ -11,6 +11,11 @@ keys, 29.2 ms with fp32). fp16 keys have the same conversion cost on such CPUs, 
 which also see whether the OS enables AMX), capped at torch's kernel dispatch level
 (`torch.backends.cpu.get_cpu_capability()`, which ATEN_CPU_CAPABILITY can lower). `choose(device)` is the
 choice; `resolve(spec, device)` turns a user's "auto" / "bfloat16" / "float32" / "model" into a dtype.
+
+The same test picks prefill's compute dtype for the HCA layers' dense pass over the compressed entries (half
+of a 1M-token prefill): `resolve_prefill` gives bf16 where the CPU computes bf16 natively (~2.5x faster on
+that pass with AMX), else the model's dtype. The cost, measured on the shipped model: see tests/test_isa.py
+and BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -115,7 +120,8 @@ def choose(device: str | torch.device = "cpu", isa: CpuIsa | None = None) -> tor
     return torch.bfloat16 if (isa or detect()).native_bf16 else torch.float32
 
 
-def resolve(spec: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype | None:
+def resolve(spec: str | torch.dtype | None, device: str | torch.device = "cpu",
+            what: str = "index dtype") -> torch.dtype | None:
     """A dtype from what the user asked: "auto" (choose), "bfloat16", "float32", "model" / None (the model's
     dtype: None), or a torch dtype as it is."""
     if spec is None or isinstance(spec, torch.dtype):
@@ -125,8 +131,17 @@ def resolve(spec: str | torch.dtype | None, device: str | torch.device = "cpu") 
     if spec == "model":
         return None
     if spec not in _NAMED:
-        raise ValueError(f"index dtype: expected one of {CHOICES + ('model',)}, got {spec!r}")
+        raise ValueError(f"{what}: expected one of {CHOICES + ('model',)}, got {spec!r}")
     return _NAMED[spec]
+
+
+def resolve_prefill(spec: str | torch.dtype | None, device: str | torch.device = "cpu",
+                    model_dtype: torch.dtype = torch.float32) -> torch.dtype | None:
+    """The HCA dense pass's prefill dtype (Transformer.set_prefill_dtype) from what the user asked: "auto" is
+    bf16 where `choose` picks bf16 keys (the same test: the CPU computes bf16 natively, or a GPU), "model" /
+    None the model's own (the reference). None when that is the model's dtype: nothing to convert."""
+    got = resolve(spec, device, "prefill dtype")
+    return None if got == model_dtype else got
 
 
 def name(dtype: torch.dtype | None) -> str:
@@ -145,4 +160,4 @@ def explain(spec: str | torch.dtype | None, device: str | torch.device = "cpu") 
 
 
 __all__ = ["CHOICES", "CpuIsa", "TIERS", "choose", "cpu_flags", "cpu_model", "detect", "explain", "name", "resolve",
-           "tier_of"]
+           "resolve_prefill", "tier_of"]

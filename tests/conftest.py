@@ -21,6 +21,9 @@ import torch
 # The suite runs the eager decode step (the reference): compiling the fast one (runtime/compiled.py) costs
 # 6-60 s per model and process, and tests/test_compiled.py checks the two agree. Subprocesses inherit it.
 os.environ.setdefault("LONGLENS_DECODE", "eager")
+# Likewise prefill's HCA pass in the model's own dtype (the reference; "auto" is bf16 on a CPU with AMX):
+# tests/test_isa.py checks the bf16 pass against it.
+os.environ.setdefault("LONGLENS_PREFILL_DTYPE", "model")
 
 from helpers import ASSETS, SHIPPED, launch_app, write_corpus
 from hf_oracle import CSA, HCA, SL, random_hf_model, tiny_config

@@ -137,3 +137,97 @@ def test_bench_worker_stores_the_keys_it_is_sent(cpu):
     assert rc == 0, res.get("error")
     keys = res["cache_after_prefill"]["components"]["indexer_keys"]
     assert name == "float32" and keys == (512 // 4) * cfg["index_head_dim"] * 4
+
+
+# ------------------------------------------------------------------------------------------ prefill's HCA pass
+def test_prefill_dtype_per_capability_and_names(cpu):
+    cpu(AMX)
+    assert isa.resolve_prefill("auto") == torch.bfloat16
+    assert isa.resolve_prefill("auto", "cuda", torch.bfloat16) is None  # already the model's dtype
+    assert isa.resolve_prefill("model") is None and isa.resolve_prefill("float32") is None
+    cpu(AVX512)
+    assert isa.resolve_prefill("auto") is None and isa.resolve_prefill("bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="prefill dtype"):
+        isa.resolve_prefill("int8")
+
+
+def test_load_model_engine_cli_and_bench_take_one_prefill_choice(cpu, tiny_model_dir, monkeypatch):
+    import runtime
+    from bench.cli import parser as bench_parser, prefill_dtype_name
+    from launch import build_parser as launch_parser
+    from runtime.__main__ import _engine, build_parser as cli_parser
+    from runtime.engine import EngineError
+
+    def chosen(model):
+        return {b.attn.dense_dtype for b in model.layers}
+
+    cpu(AMX)
+    monkeypatch.delenv("LONGLENS_PREFILL_DTYPE", raising=False)  # conftest pins the reference for the suite
+    assert chosen(runtime.load_model(tiny_model_dir)) == {torch.bfloat16}
+    assert runtime.load_model(tiny_model_dir).prefill_dtype == torch.bfloat16
+    assert chosen(runtime.load_model(tiny_model_dir, prefill_dtype="model")) == {None}
+    assert chosen(runtime.Engine.from_dir(tiny_model_dir).model) == {torch.bfloat16}
+    assert prefill_dtype_name(bench_parser().parse_args([])) == "bfloat16"
+    ask = ["ask", "--corpus", "x", "--question", "q", "--model", str(tiny_model_dir), "--device", "cpu"]
+    assert chosen(_engine(cli_parser(False).parse_args(ask))[0].model) == {torch.bfloat16}
+    assert chosen(_engine(cli_parser(False).parse_args(ask + ["--prefill-dtype", "model"]))[0].model) == {None}
+    assert launch_parser().parse_args(["--prefill-dtype", "float32"]).prefill_dtype == "float32"
+    monkeypatch.setenv("LONGLENS_PREFILL_DTYPE", "model")  # the environment stands in for every default
+    assert chosen(runtime.Engine.from_dir(tiny_model_dir).model) == {None}
+    cpu(AVX2, "AVX2")
+    monkeypatch.delenv("LONGLENS_PREFILL_DTYPE")
+    assert chosen(runtime.load_model(tiny_model_dir)) == {None}
+    assert prefill_dtype_name(bench_parser().parse_args([])) == "model"
+    with pytest.raises(EngineError, match="prefill dtype"):
+        runtime.Engine.from_dir(tiny_model_dir, prefill_dtype="int8")
+
+
+def test_bf16_hca_pass_against_the_reference(monkeypatch):
+    """The fused HCA pass in bf16 (what auto picks on AMX) against the model's own dtype, on a tiny model whose
+    HCA layer holds up to 128 entries per query: it really runs in bf16, and only in prefill; the HCA layer's
+    output moves by bf16 rounding (< 1e-2 of its scale) and so do the logits, the greedy tokens agree (but
+    for a near-tie or two), and the decode steps after it stay close. index_topk covers every CSA entry: a
+    random indexer's near-ties would turn any perturbation into other picks (the shipped model's picks were
+    measured equal: BENCHMARKS.md)."""
+    from hf_oracle import tiny_config
+    from runtime.attention import dense_attention as real_dense
+    from runtime.config import ModelConfig
+    from runtime.model import Transformer
+    import runtime.attention as attention
+
+    seen = []
+
+    def spy(q, entries, scale, parts=1):
+        seen.append((q.shape[1], q.dtype, entries.dtype))
+        return real_dense(q, entries, scale, parts)
+
+    monkeypatch.setattr(attention, "dense_attention", spy)
+    cfg = ModelConfig.from_dict(tiny_config(compress_rates={"compressed_sparse_attention": 4,
+                                                            "heavily_compressed_attention": 8}, index_topk=512))
+    model = Transformer(cfg).init_weights(5).eval()
+    hca = next(b.attn for b in model.layers if b.attn.layer_type == "heavily_compressed_attention")
+    ids = torch.randint(0, cfg.vocab_size, (1, 1040), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for name, dtype in (("ref", None), ("bf16", torch.bfloat16)):
+        model.set_prefill_dtype(dtype)
+        seen.clear()
+        hca_out = []
+        hook = hca.register_forward_hook(lambda m, i, o: hca_out.append(o.detach().clone()))
+        cache = model.new_cache()
+        with torch.no_grad():
+            logits = torch.cat([model(c, cache) for c in ids[:, :1024].split(256, dim=1)], dim=1)
+            steps = torch.cat([model(t.view(1, 1), cache) for t in ids[0, 1024:]], dim=1)
+        hook.remove()
+        assert seen and all(q_dtype == torch.float32 for sq, q_dtype, _ in seen if sq == 1)  # decode: fp32
+        out[name] = logits, steps, torch.cat(hca_out[:4], 1), {(q, e) for sq, q, e in seen if sq > 1}
+    assert out["ref"][3] == {(torch.float32, torch.float32)}
+    assert out["bf16"][3] == {(torch.bfloat16, torch.bfloat16)}
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max())
+
+    (ref, ref_steps, ref_hca, _), (got, got_steps, got_hca, _) = out["ref"], out["bf16"]
+    assert 0 < rel(got_hca, ref_hca) < 1e-2  # bf16 rounding shows, and stays small
+    assert rel(got, ref) < 1e-2  # random logits hold near-ties: a few greedy picks may swap, no more
+    assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.98
+    assert rel(got_steps, ref_steps) < 1e-2
