@@ -1,7 +1,12 @@
-"""Long-context retrieval evaluation: needle facts (niah), key-value lookup (kv), quote continuation (continue).
+"""Long-context retrieval evaluation: needle facts (niah), key-value lookup (kv), quote continuation (continue),
+and RULER's multi-key / multi-value / multi-query needles (niah --keys K, mv, mq).
 
     python -m runtime eval niah --lengths 4096,32768 --depths 0,0.25,0.5,0.75,1 --seed 0 [--haystack PATH ...]
                                 [--model DIR] [--n 4] [--json]
+    python -m runtime eval niah --keys 5 ...   # five facts of one template, other keys; one asked
+    python -m runtime eval mv [--keys 4] ...   # one key, four values planted apart; all asked (a set)
+    python -m runtime eval mq [--keys 2] ...   # two keys asked at once (their values, a set)
+    python -m runtime eval kv --formats json,csv,config,code ...   # blocks in those formats; per-format accuracy
     python -m runtime eval niah --haystack-dir DIR [--depths ...] [--documents N|NAMES] [--json]   (runtime/probe.py)
 
 For every length L and each of ``n`` haystacks, a haystack of about L tokens is cut from the given files
@@ -44,14 +49,31 @@ from .isa import CHOICES as INDEX_CHOICES, resolve as resolve_index_dtype
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "assets" / "model"
-KINDS = ("niah", "kv", "continue")
+KINDS = ("niah", "kv", "continue", "mv", "mq")
+KV_FORMATS = ("json", "csv", "config", "code")
+
+
+def _distinct(draw, n: int) -> list:
+    out: list = []
+    while len(out) < n:
+        x = draw()
+        if x not in out:
+            out.append(x)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- cases
 def build_case(kind: str, rng: random.Random, pool, tok, length: int, depths, variant: str = "eval",
-               values: str = "number"):
+               values: str = "number", keys: int = 1, formats: tuple[str, ...] = KV_FORMATS, start: int = 0):
     """A haystack of about ``length`` prompt tokens with one item per depth: (haystack text, [QA]).
-    ``values``: the niah value format (runtime/tasks.py make_value: number, code, words) or "mixed"."""
+    ``values``: the niah value format (runtime/tasks.py make_value: number, code, words) or "mixed".
+    ``keys`` > 1 (niah, mv, mq; one depth): that many facts of one template with different keys (RULER's
+    multi-key, multi-value and multi-query needles); the asked or first one sits at the depth, the others
+    at random depths. ``formats``: the kv blocks' formats, in turn from the ``start``-th."""
+    if kind in ("mv", "mq") or (kind == "niah" and keys > 1):
+        if len(depths) != 1:
+            raise ValueError(f"{kind} with {keys} keys plants one group per haystack: use --per-haystack one")
+        return _build_group(kind, rng, pool, tok, length, depths[0], variant, values, keys)
     if kind == "niah":
         used, items = set(), []
         while len(items) < len(depths):
@@ -66,7 +88,7 @@ def build_case(kind: str, rng: random.Random, pool, tok, length: int, depths, va
     elif kind == "kv":
         used, blocks = set(), []
         while len(blocks) < len(depths):
-            block, fmt, pairs = T.kv_block(rng, variant, 6)
+            block, fmt, pairs = T.kv_block(rng, variant, 6, formats[(start + len(blocks)) % len(formats)])
             keys = {k.lower() for k, _, _ in pairs}
             if keys & used:
                 continue
@@ -97,8 +119,39 @@ def build_case(kind: str, rng: random.Random, pool, tok, length: int, depths, va
     else:
         for (block, fmt, pairs), (s, e), d in zip(blocks, spans, depths):
             key, val, off = pairs[rng.randrange(len(pairs))]
-            qas.append(T.QA(T.KV_QUESTIONS[fmt].format(key=key), val, (s + off, s + off + len(val)), d, kind))
+            qas.append(T.QA(T.KV_QUESTIONS[fmt].format(key=key), val, (s + off, s + off + len(val)), d, kind,
+                            fmt=fmt))
     return text, qas
+
+
+def _build_group(kind: str, rng: random.Random, pool, tok, length: int, depth: float, variant: str,
+                 values: str, keys: int):
+    """One haystack, one question over a group of same-template facts:
+    niah (keys K): K keys, one value each, one asked -- the others are distractors;
+    mv (keys V): one key, V values ("One of the ... is"), all asked;
+    mq (keys Q): Q keys, all asked at once, answered in the asked order."""
+    fmt = None if values == "mixed" else values
+    attr = rng.choice(T.ATTRIBUTES)
+    n = max(keys, 2) if kind in ("mv", "mq") else keys
+    if kind == "mv":
+        ents = [T.entity(rng, variant)] * n
+        vals = _distinct(lambda: T.make_value(rng, variant, fmt), n)
+        sents = [T.mv_sentence(attr, ents[0], v) for v in vals]
+        question = T.mv_question(attr, ents[0])
+    else:
+        ents = _distinct(lambda: T.entity(rng, variant), n)
+        vals = _distinct(lambda: T.make_value(rng, variant, fmt), n)
+        sents = [T.niah_sentence(attr, e, v) for e, v in zip(ents, vals)]
+        question = T.niah_question(attr, ents[0]) if kind == "niah" else T.mq_question(attr, ents)
+    overhead = sum(len(tok.encode(x)) + 1 for x, _ in sents) + len(tok.encode(question)) + 6
+    hay = pool.text(max(64, length - overhead), rng)
+    place = [depth] + [rng.random() for _ in range(n - 1)]
+    text, spans = T.plant(hay, [(d, x) for d, (x, _) in zip(place, sents)])
+    vspans = [(s + off, s + off + len(v)) for (s, _), (_, off), v in zip(spans, sents, vals)]
+    if kind == "niah":
+        return text, [T.QA(question, vals[0], vspans[0], depth, kind, distractor_chars=tuple(vspans[1:]))]
+    return text, [T.QA(question, ", ".join(vals), vspans[0], depth, kind, more_chars=tuple(vspans[1:]),
+                       values=tuple(vals))]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -121,21 +174,31 @@ def answer_ids(model, tok, prompt: list[int], cache, max_new_tokens: int, captur
     return gen.tokens
 
 
-def _selection(model, capture: Capture, query_pos: int, value_tokens: tuple[int, int]):
-    """(share of CSA layers whose top-k held an entry covering the value, best 1-based rank or None per layer)."""
-    ranks = span_ranks(capture, model.config, query_pos, [value_tokens])[0]
-    return (sum(r is not None for r in ranks) / len(ranks) if ranks else float("nan")), ranks
+def _selection(model, capture: Capture, query_pos: int, value_tokens: tuple[int, int], *more):
+    """(share of CSA layers whose top-k held an entry covering the value, best 1-based rank or None per layer).
+    With `more` value spans (multi-value / multi-query): the share over every (value, layer), and per layer
+    the best rank of any of them."""
+    per = span_ranks(capture, model.config, query_pos, [value_tokens, *more])
+    flat = [r for ranks in per for r in ranks]
+    recall = sum(r is not None for r in flat) / len(flat) if flat else float("nan")
+    ranks = [min((r for r in col if r is not None), default=None) for col in zip(*per)]
+    return recall, ranks
 
 
 def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5, 0.75, 1.0), seed: int = 0,
              haystack_paths=None, n: int = 4, chunk: int = 8192, model=None, tokenizer=None,
              max_new_tokens: int | None = None, progress=None, pool=None, values: str = "number",
-             per_haystack: str = "one", index_dtype: str | torch.dtype | None = "auto") -> list[dict]:
+             per_haystack: str = "one", index_dtype: str | torch.dtype | None = "auto", keys: int | None = None,
+             formats: tuple[str, ...] = KV_FORMATS) -> list[dict]:
     """One dict per (length, depth): kind, length, depth, n, correct, accuracy, recall, rank, first, tokens
     (mean prompt length), seconds (mean wall time per haystack of that length: prefill + all its questions),
     seed, examples (question, answer, output, ok, recall, ranks, first, prompt tokens).
     per_haystack "all": each haystack holds one item per depth (the others are distractors for each
     question); "one": every depth gets haystacks of its own with a single item (classic NIAH).
+    keys: niah with K > 1 plants K same-template facts per haystack and asks one (multi-key); mv plants one
+    key with that many values (default 4) and asks all; mq plants that many keys (default 2) and asks them
+    at once. mv and mq are scored as sets of values (runtime/tasks.py values_match).
+    formats: kv block formats, in turn (cells also report accuracy per format).
     index_dtype: the indexer keys' dtype, "auto" as the engine chooses it (runtime/isa.py)."""
     from .cluster import lead_if_distributed
     from .model import load_model
@@ -163,18 +226,27 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
     secs = {L: 0.0 for L in lengths}
     if per_haystack not in ("all", "one"):
         raise ValueError(f"per_haystack must be 'all' or 'one', got {per_haystack!r}")
+    keys = keys_for(kind, keys)
+    if keys < 1:
+        raise ValueError(f"keys must be at least 1, got {keys}")
+    bad = [f for f in formats if f not in KV_FORMATS]
+    if bad or not formats:
+        raise ValueError(f"kv formats must be among {KV_FORMATS}, got {list(formats)}")
     groups = [depths] if per_haystack == "all" else [[d] for d in depths]
     for L in lengths:
         for i, group in ((i, g) for i in range(n) for g in groups):
             rng = random.Random(f"{seed}:{kind}:{L}:{i}" + ("" if per_haystack == "all" else f":{group[0]}"))
             t0 = time.time()
-            hay, qas = build_case(kind, rng, pool, tok, L, group, values=values)
+            hay, qas = build_case(kind, rng, pool, tok, L, group, values=values, keys=keys, formats=tuple(formats),
+                                  start=i)  # kv: formats in turn over the haystacks too
             prompts = []
             for qa in qas:
                 content = hay + "\n\n" + qa.question
                 ids = tok.render_chat([{"role": "user", "content": content}])
                 cids, offsets = tok.encode_with_offsets(content)
                 qa.value_tokens = T.char_span_to_tokens(offsets, qa.value_chars, 2)
+                qa.more_tokens = tuple(T.char_span_to_tokens(offsets, c, 2) for c in qa.more_chars)
+                qa.distractor_tokens = tuple(T.char_span_to_tokens(offsets, c, 2) for c in qa.distractor_chars)
                 prompts.append(ids)
             if not prompts:
                 continue
@@ -189,15 +261,17 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
                 n_ans = len(tok.encode(qa.answer))
                 out = answer_ids(model, tok, ids[P:], cache, max_new_tokens or n_ans + 8, cap, chunk)
                 text = tok.decode(out, skip_special_tokens=True)
-                ok = text.strip() == qa.answer.strip()
-                rec, ranks = _selection(model, cap, len(ids) - 1, qa.value_tokens)
+                ok = T.values_match(text, qa.values) if qa.values else text.strip() == qa.answer.strip()
+                rec, ranks = _selection(model, cap, len(ids) - 1, qa.value_tokens, *qa.more_tokens)
                 # distractor check: does the asked item outrank every other planted item in the selection?
                 others = [_selection(model, cap, len(ids) - 1, o.value_tokens)[1] for o in qas if o is not qa]
+                others += [_selection(model, cap, len(ids) - 1, t)[1] for t in qa.distractor_tokens]
                 best = [r for r in ranks if r is not None]
                 other_best = [r for rs in others for r in rs if r is not None]
                 first = bool(best) and (not other_best or min(best) < min(other_best))
                 cells[(L, qa.depth)].append(dict(question=qa.question, answer=qa.answer, output=text, ok=ok,
-                                                 recall=rec, ranks=ranks, first=first, tokens=len(ids)))
+                                                 recall=rec, ranks=ranks, first=first, tokens=len(ids),
+                                                 **({"format": qa.fmt} if qa.fmt else {})))
                 del cap
             secs[L] += time.time() - t0
             if progress is not None:
@@ -219,8 +293,19 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
                 first=(sum(e["first"] for e in ex) / len(ex)) if ex else None,
                 tokens=round(sum(e["tokens"] for e in ex) / len(ex)) if ex else None,
                 seconds=round(secs[L] / max(1, n * len(groups)), 2), seed=seed, per_haystack=per_haystack,
-                examples=ex))
+                keys=keys, **({"by_format": _by_format(ex)} if kind == "kv" else {}), examples=ex))
     return results
+
+
+def _by_format(examples: list[dict]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for e in examples:
+        c = out.setdefault(e["format"], {"n": 0, "correct": 0})
+        c["n"] += 1
+        c["correct"] += int(e["ok"])
+    for c in out.values():
+        c["accuracy"] = c["correct"] / c["n"]
+    return dict(sorted(out.items()))
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -247,7 +332,14 @@ def _float_list(s: str) -> list[float]:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("kind", choices=KINDS, help="niah: needle facts; kv: key-value lookup in JSON/CSV/config/"
-                                                    "code blocks; continue: continue a quoted snippet verbatim")
+                                                    "code blocks; continue: continue a quoted snippet verbatim; "
+                                                    "mv: all the values of one key (multi-value); mq: several "
+                                                    "keys asked at once (multi-query)")
+    parser.add_argument("--keys", type=int, default=None,
+                        help="niah: same-template facts per haystack, one asked (multi-key; default 1); mv: values "
+                             "of the one key (default 4); mq: keys asked at once (default 2)")
+    parser.add_argument("--formats", default=",".join(KV_FORMATS),
+                        help=f"kv: block formats, comma-separated, used in turn (default: all of {','.join(KV_FORMATS)})")
     parser.add_argument("--lengths", type=_int_list, default=[4096, 32768],
                         help="comma-separated prompt lengths in tokens (4096, 32k, 1M accepted)")
     parser.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
@@ -340,15 +432,26 @@ def svg_heatmap(results: list[dict], title: str) -> str:
 
 
 def format_table(results: list[dict]) -> str:
-    head = (f"{'kind':8s} {'length':>8s} {'depth':>5s} {'n':>3s} {'acc':>6s} {'recall':>6s} {'rank':>5s} "
-            f"{'first':>5s} {'tokens':>8s} {'s/hay':>7s}")
+    head = (f"{'kind':8s} {'keys':>4s} {'length':>8s} {'depth':>5s} {'n':>3s} {'acc':>6s} {'recall':>6s} "
+            f"{'rank':>5s} {'first':>5s} {'tokens':>8s} {'s/hay':>7s}")
     lines = [head, "-" * len(head)]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)
+    formats: dict[str, list[int]] = {}
     for r in results:
-        lines.append(f"{r['kind']:8s} {r['length']:8d} {r['depth']:5.2f} {r['n']:3d} {f(r['accuracy'], '6.2f')} "
-                     f"{f(r['recall'], '6.2f')} {f(r['rank'], '5.1f')} {f(r.get('first'), '5.2f')} "
-                     f"{f(r['tokens'], '8d')} {r['seconds']:7.1f}")
+        lines.append(f"{r['kind']:8s} {r.get('keys', 1):4d} {r['length']:8d} {r['depth']:5.2f} {r['n']:3d} "
+                     f"{f(r['accuracy'], '6.2f')} {f(r['recall'], '6.2f')} {f(r['rank'], '5.1f')} "
+                     f"{f(r.get('first'), '5.2f')} {f(r['tokens'], '8d')} {r['seconds']:7.1f}")
+        for name, c in (r.get("by_format") or {}).items():
+            acc = formats.setdefault(name, [0, 0])
+            acc[0], acc[1] = acc[0] + c["correct"], acc[1] + c["n"]
+    if formats:
+        lines.append("by format: " + ", ".join(f"{k} {c}/{n} ({c / n:.2f})" for k, (c, n) in formats.items()))
     return "\n".join(lines)
+
+
+def keys_for(kind: str, asked: int | None) -> int:
+    """--keys as evaluate() takes it: RULER's defaults where not given (mv 4 values, mq 2 keys, else 1)."""
+    return asked if asked is not None else {"mv": 4, "mq": 2}.get(kind, 1)
 
 
 def main_eval(args) -> int:
@@ -366,7 +469,8 @@ def main_eval(args) -> int:
     results = [] if args.render_only else evaluate(
         args.kind, args.model, args.lengths, args.depths, args.seed, args.haystack, n=args.n, chunk=args.chunk,
         progress=progress, values=args.values, per_haystack=args.per_haystack or "one",
-        index_dtype=getattr(args, "index_dtype", "auto"))
+        index_dtype=getattr(args, "index_dtype", "auto"), keys=getattr(args, "keys", None),
+        formats=tuple(f.strip() for f in getattr(args, "formats", ",".join(KV_FORMATS)).split(",") if f.strip()))
     if args.plot:
         merged = {(r["length"], r["depth"]): r for r in load_results(args.include, args.kind) + results}
         cells = sorted(merged.values(), key=lambda r: (r["length"], r["depth"]))

@@ -218,6 +218,15 @@ class QA:
     kind: str = ""
     value_tokens: tuple[int, int] | None = None  # token span in ids (filled by the caller: char_span_to_tokens)
     answer_tokens: tuple[int, int] | None = None  # ids[a:b] = answer tokens + EOS (training: train/tasks.py render)
+    # multi-value / multi-query: the answer's other values' char spans, and the values one by one (scored as a set)
+    more_chars: tuple[tuple[int, int], ...] = ()
+    values: tuple[str, ...] = ()
+    # planted items that are not the answer (same-template facts with other keys): the selection must rank
+    # the asked one above them
+    distractor_chars: tuple[tuple[int, int], ...] = ()
+    more_tokens: tuple[tuple[int, int], ...] = ()  # token spans of the two above (filled by the caller)
+    distractor_tokens: tuple[tuple[int, int], ...] = ()
+    fmt: str = ""  # kv: the block's format
 
 
 def _line_start_at(text: str, pos: int) -> int:
@@ -264,6 +273,39 @@ def niah_sentence(attr: str, ent: str, value: str) -> tuple[str, int]:
 
 def niah_question(attr: str, ent: str) -> str:
     return f"What is the {attr} for the {ent}?"
+
+
+def mv_sentence(attr: str, ent: str, value: str) -> tuple[str, int]:
+    """A multi-value needle (RULER's MV: one key, several values planted apart) and the value's char offset."""
+    head = f"One of the {attr}s for the {ent} is "
+    if not value.isdigit():
+        return f'{head}"{value}".', len(head) + 1
+    return f"{head}{value}.", len(head)
+
+
+def mv_question(attr: str, ent: str) -> str:
+    return f"What are all the {attr}s for the {ent}?"
+
+
+def mq_question(attr: str, ents: Sequence[str]) -> str:
+    """Several keys of one template asked at once (RULER's MQ): answered as their values in this order."""
+    names = [f"the {e}" for e in ents]
+    return f"What are the {attr}s for {', '.join(names[:-1])} and {names[-1]}?"
+
+
+_VALUE_SPLIT = re.compile(r"(?:\s*,\s*|\s+and\s+|\s+)")
+
+
+def found_values(text: str) -> list[str]:
+    """The values an answer lists (comma, space or "and" separated; quotes and a final period dropped)."""
+    parts = _VALUE_SPLIT.split(text.strip().rstrip("."))
+    return [v.strip('"\'.') for v in parts if v.strip('"\'.') and v.lower() != "and"]
+
+
+def values_match(text: str, values: Sequence[str]) -> bool:
+    """Exact match for several values: the answer lists exactly these values, each once, in any order."""
+    got = found_values(text)
+    return sorted(got) == sorted(values)
 
 
 def kv_block(rng: random.Random, variant: str, n_pairs: int, fmt: str | None = None):

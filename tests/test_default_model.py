@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import runtime
-from runtime import evaluate as ev
+from runtime import evaluate as ev, tasks as T
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "assets" / "model"
@@ -95,6 +95,52 @@ def test_evaluate_cells(model, tok, pool):
     assert {r["examples"][0]["answer"] for r in one}.isdisjoint({r["examples"][0]["answer"] for r in res})
 
 
+def test_multi_key_multi_value_multi_query_and_kv_formats(model, tok, pool):
+    """RULER's needle variants and kv per format, through the same path: K same-template facts with one
+    asked (the others count against `first`), one key's V values and Q keys at once (scored as sets), and
+    kv blocks in the formats asked, reported per format."""
+    import random
+
+    hay, qas = ev.build_case("niah", random.Random(1), pool, tok, 1500, [0.5], keys=5)
+    (qa,) = qas
+    assert len(qa.distractor_chars) == 4 and hay[slice(*qa.value_chars)] == qa.answer
+    asked = qa.question.removeprefix("What is the ").split(" for the ")[0]
+    for a, b in qa.distractor_chars:  # same template, other keys, other values
+        line = hay[hay.rfind("\n", 0, a) + 1 : hay.find("\n", b)]
+        assert line.startswith(f"The {asked} for the ") and hay[a:b] != qa.answer
+    hay, (mv,) = ev.build_case("mv", random.Random(2), pool, tok, 1500, [0.0], keys=3)
+    assert len(mv.values) == 3 == len(mv.more_chars) + 1
+    assert [hay[a:b] for a, b in (mv.value_chars, *mv.more_chars)] == list(mv.values)
+    assert mv.question.startswith("What are all the ")
+    hay, (mq,) = ev.build_case("mq", random.Random(3), pool, tok, 1500, [1.0], keys=2)
+    assert " and the " in mq.question and mq.answer == ", ".join(mq.values)
+    with pytest.raises(ValueError, match="per-haystack one"):
+        ev.build_case("mv", random.Random(2), pool, tok, 1500, [0.0, 1.0], keys=3)
+
+    res = ev.evaluate("niah", MODEL, lengths=[1024], depths=[0.5], n=2, model=model, tokenizer=tok, pool=pool,
+                      keys=4)
+    assert res[0]["keys"] == 4 and res[0]["n"] == 2
+    assert all(0.0 <= r["first"] <= 1.0 for r in res)
+    for kind in ("mv", "mq"):
+        (r,) = ev.evaluate(kind, MODEL, lengths=[1024], depths=[0.5], n=1, model=model, tokenizer=tok, pool=pool)
+        ex = r["examples"][0]
+        assert r["keys"] == {"mv": 4, "mq": 2}[kind] and ex["ok"] == T.values_match(ex["output"], ex["answer"].split(", "))
+        assert 0.0 <= r["recall"] <= 1.0
+    (r,) = ev.evaluate("kv", MODEL, lengths=[1024], depths=[0.5], n=4, model=model, tokenizer=tok, pool=pool,
+                       formats=("json", "code"))
+    assert set(r["by_format"]) == {"json", "code"} and sum(c["n"] for c in r["by_format"].values()) == 4
+    with pytest.raises(ValueError, match="kv formats"):
+        ev.evaluate("kv", MODEL, lengths=[1024], n=1, model=model, tokenizer=tok, pool=pool, formats=("yaml",))
+
+
+def test_values_match_is_a_set_match():
+    assert T.values_match("4417, 8812 and 90.", ["90", "4417", "8812"])
+    assert T.values_match('"QX-4471-B" and "AB-123"', ["AB-123", "QX-4471-B"])
+    assert not T.values_match("4417, 8812", ["4417", "8812", "90"])  # one missing
+    assert not T.values_match("4417, 4417, 8812", ["4417", "8812"])  # one twice
+    assert not T.values_match("4417, 8812, 5", ["4417", "8812"])  # one too many
+
+
 def test_eval_cli_arguments():
     import argparse
     ap = ev.add_eval_arguments(argparse.ArgumentParser())
@@ -104,6 +150,9 @@ def test_eval_cli_arguments():
     assert a.seed == 7 and a.haystack == ["a", "b"] and a.json
     with pytest.raises(SystemExit):
         ap.parse_args(["niah", "--depths", "1.5"])
+    a = ap.parse_args(["mv", "--formats", "json,csv"])
+    assert a.kind == "mv" and a.keys is None and ev.keys_for(a.kind, a.keys) == 4
+    assert ev.keys_for("niah", None) == 1 and ev.keys_for("niah", 5) == 5 and ev.keys_for("mq", None) == 2
 
 
 def test_eval_plot_and_merge(tmp_path):
