@@ -21,7 +21,6 @@ own kernels unless ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS cap them too.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.machine import print_json  # noqa: E402
 from runtime import isa  # noqa: E402
 from runtime.cache import Cache  # noqa: E402
 from runtime.config import CSA, HCA  # noqa: E402
@@ -222,10 +222,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = overlap(args) if args.cmd == "overlap" else decode(args)
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    print_json(out, args.json)
     return 0
 
 

@@ -13,6 +13,17 @@ import statistics
 import time
 
 
+def print_json(out: dict, path: str | None = None) -> None:
+    """A standalone bench script's result: indented JSON on stdout, and in `path` when given."""
+    import json
+
+    text = json.dumps(out, indent=1)
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
 def meminfo() -> dict[str, int]:
     out = {}
     try:

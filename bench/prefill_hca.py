@@ -14,7 +14,6 @@ the CSA picks of the next queries. Needs a CPU with native bf16 to mean much.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.machine import print_json  # noqa: E402
 from runtime import isa  # noqa: E402
 from runtime.introspect import Capture  # noqa: E402
 
@@ -97,10 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
     out = run(args)
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    print_json(out, args.json)
     return 0
 
 
