@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the lightning indexer's keys; auto = bfloat16 on CUDA and on CPUs that compute in bf16 "
                         "(AMX, AVX512-BF16), float32 elsewhere (runtime/isa.py)")
     p.add_argument("--prefill-dtype", default=None, choices=["auto", "bfloat16", "float32", "model"],
-                   help="what prefill's HCA pass over the compressed entries computes in; auto = bfloat16 where the CPU computes bf16 natively (AMX, AVX512-BF16), else the model's dtype; model = the reference (default: $LONGLENS_PREFILL_DTYPE, else auto)")
+                   help="what prefill's HCA pass over the compressed entries computes in; auto = bfloat16 where "
+                        "the CPU computes bf16 natively (AMX, AVX512-BF16), else the model's dtype; model = the "
+                        "reference (default: $LONGLENS_PREFILL_DTYPE, else auto)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for the LAN)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also serve through a public Gradio share link")
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     malloc_defaults()  # glibc's own trimming while idle; prefills tune it for themselves (large_allocations)
 
     settings = Settings(
-        model_dir=args.model, device=args.device, dtype=args.dtype, index_dtype=args.index_dtype, prefill_dtype=args.prefill_dtype,
+        model_dir=args.model, device=args.device, dtype=args.dtype, index_dtype=args.index_dtype,
+        prefill_dtype=args.prefill_dtype,
         max_file_bytes=parse_size(args.max_file_size),
         max_files=args.max_files, max_context=args.max_context, max_sessions=args.max_sessions,
         snapshot_dir=args.snapshot_dir, concurrency=args.concurrency)

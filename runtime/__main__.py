@@ -106,7 +106,9 @@ def _index_dtype_arg(p: argparse.ArgumentParser) -> None:
                    help="the lightning indexer's keys; auto = bfloat16 on CUDA and on CPUs that compute in bf16 "
                         "(AMX, AVX512-BF16), float32 elsewhere (runtime/isa.py)")
     p.add_argument("--prefill-dtype", choices=CHOICES + ("model",), default=None,
-                   help="what prefill's HCA pass over the compressed entries computes in; auto = bfloat16 where the CPU computes bf16 natively (AMX, AVX512-BF16), else the model's dtype; model = the reference (default: $LONGLENS_PREFILL_DTYPE, else auto)")
+                   help="what prefill's HCA pass over the compressed entries computes in; auto = bfloat16 where "
+                        "the CPU computes bf16 natively (AMX, AVX512-BF16), else the model's dtype; model = the "
+                        "reference (default: $LONGLENS_PREFILL_DTYPE, else auto)")
 
 
 def _answer_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -196,7 +198,8 @@ def _follower(args) -> bool:
     from .cluster import follow_if_follower
 
     # eval has no --device: it runs on the CPU, and so do its followers
-    return follow_if_follower(args.model, getattr(args, "device", "cpu"), getattr(torch, getattr(args, "dtype", "float32")),
+    return follow_if_follower(args.model, getattr(args, "device", "cpu"),
+                              getattr(torch, getattr(args, "dtype", "float32")),
                               prefill_dtype=getattr(args, "prefill_dtype", None))
 
 

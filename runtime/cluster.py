@@ -184,8 +184,10 @@ class Leader:
 
     forward = __call__
 
-    def decode(self, input_ids, cache, capture=None):
+    def decode(self, input_ids, cache, capture=None, steering=None):
         """One-token step (runtime/generate.decode_one_token): the model's `decode`, replayed by every rank."""
+        if steering is not None:  # sharded models decode eagerly anyway: the steered forward, as announced
+            return self(input_ids, cache, capture, 1, steering)
         message = ["decode", cache._uid, input_ids.cpu(), capture is not None]
         return self._run(message, lambda: self.model.decode(input_ids, cache, capture))
 
@@ -334,5 +336,5 @@ def follow(model) -> None:
             print(f"[rank {dist.get_rank()}] {kind}: {type(e).__name__}: {e}", flush=True)
 
 
-__all__ = ["Leader", "RankFailed", "RemoteCache", "connect", "disconnect", "exit_soon", "follow", "follow_if_follower",
-           "lead_if_distributed"]
+__all__ = ["Leader", "RankFailed", "RemoteCache", "connect", "disconnect", "exit_soon", "follow",
+           "follow_if_follower", "lead_if_distributed"]

@@ -39,13 +39,14 @@ see all rows, the eager loop only the routed ones).
     model.decode(ids, cache, capture)  # runtime.model.Transformer: this step when model.decode_impl == "fast"
     runtime.compiled.enable(model)     # decode_impl = "fast" and compile now (a warm-up on a scratch cache)
     runtime.compiled.disable(model)    # back to the eager forward
-    runtime.compiled.warm(model)       # build it now if the model decodes through it (Engine.warm_up: in the background)
+    runtime.compiled.warm(model)       # build it now if the model decodes through it (Engine.warm_up: in a thread)
 
 The fast step applies to one token per sequence on CPU, outside autograd, without a process group (tensor /
 expert parallel models run eagerly: their all_reduce calls stay in the eager forward), with the sparse
 attention path and no timing hooks attached (a LayerTimer times the eager modules); anything else, and any
 model after a failed compile (no C++ compiler, an unsupported op), decodes through the eager forward,
-with one warning saying why.
+with one warning saying why. A steered step (a counterfactual's forced CSA selection, runtime/steering.py's
+`Steered.decode`) takes it too: the steering only changes the eager middle's top-k.
 """
 
 from __future__ import annotations
@@ -128,10 +129,11 @@ def _layer_dense(block, nxt, streams, o, cos, sin, post, comb, ids, pos):
     return _ffn_out(nxt, streams, routed, shared, post, comb, pos)
 
 
-def _attend(attn, lc, pos, kv, q, proj, capture):
-    """The eager middle of a layer: the cache grows by the token, then Attention._sparse -> o [B, 1, H, d]."""
+def _attend(attn, lc, pos, kv, q, proj, capture, steering=None):
+    """The eager middle of a layer: the cache grows by the token, then Attention._sparse -> o [B, 1, H, d].
+    `steering` forces the CSA selection as in Attention.forward."""
     keys = attn.extend_window(lc, kv)
-    entries = iq = iw = ikeys = None
+    entries = iq = iw = ikeys = steer = None
     if attn.compressor is not None:
         attn.compressor.absorb(proj[0], proj[1], lc.kv, attn.inv_freq)
         entries = lc.kv.entries.view()
@@ -139,7 +141,10 @@ def _attend(attn, lc, pos, kv, q, proj, capture):
         attn.indexer.compressor.absorb(proj[2], proj[3], lc.index, attn.inv_freq)
         ikeys = lc.index.entries.view()
         iq, iw = proj[4], proj[5]
-    return attn._sparse(q, keys, pos, entries, iq, iw, ikeys, capture)
+        if steering is not None and not steering.empty:
+            steer = (steering.index_topk or attn.indexer.topk,
+                     *steering.entry_masks(entries.shape[1], attn.rate, q.device))
+    return attn._sparse(q, keys, pos, entries, iq, iw, ikeys, capture, steer)
 
 
 class _Deferred:
@@ -240,7 +245,7 @@ class FastDecode:
                 and (not self.compiled or m.device.type == "cpu")
                 and m.timer is None and not any(x._forward_hooks or x._forward_pre_hooks for x in self._hooked))
 
-    def __call__(self, ids: torch.Tensor, cache, capture=None) -> torch.Tensor | None:
+    def __call__(self, ids: torch.Tensor, cache, capture=None, steering=None) -> torch.Tensor | None:
         if not self.applies(ids, cache):
             return None
         if cache.length + 1 > self.model.config.max_position_embeddings:
@@ -248,7 +253,7 @@ class FastDecode:
         mark, deferred = cache.mark(), None if capture is None else _Deferred()
         built, t0 = len(self._regions), time.perf_counter()
         try:
-            out = self._step(ids, cache, deferred)
+            out = self._step(ids, cache, deferred, steering)
         except Exception as e:  # noqa: BLE001 -- a failed compile, or an op it cannot take: said once, then eager
             cache.rewind(mark)
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -275,13 +280,13 @@ class FastDecode:
             self._regions[key] = fn
         return fn
 
-    def _step(self, ids, cache, capture):
+    def _step(self, ids, cache, capture, steering=None):
         m, B = self.model, ids.shape[0]
         pos = torch.arange(cache.length, cache.length + 1, device=ids.device)  # [1]
         streams, post, comb, cos, sin, kv, q, *proj = self._region(B, "first")(ids, pos)
         last = len(m.layers) - 1
         for i, (block, lc) in enumerate(zip(m.layers, cache.layers)):
-            o = _attend(block.attn, lc, pos, kv, q, proj, capture).contiguous()
+            o = _attend(block.attn, lc, pos, kv, q, proj, capture, steering).contiguous()
             if self.dense:
                 out = self._region(B, "layer", i)(streams, o, cos, sin, post, comb, ids, pos)
             else:

@@ -339,7 +339,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         help="niah: same-template facts per haystack, one asked (multi-key; default 1); mv: values "
                              "of the one key (default 4); mq: keys asked at once (default 2)")
     parser.add_argument("--formats", default=",".join(KV_FORMATS),
-                        help=f"kv: block formats, comma-separated, used in turn (default: all of {','.join(KV_FORMATS)})")
+                        help=f"kv: block formats, comma-separated, used in turn (default: all of "
+                             f"{','.join(KV_FORMATS)})")
     parser.add_argument("--lengths", type=_int_list, default=[4096, 32768],
                         help="comma-separated prompt lengths in tokens (4096, 32k, 1M accepted)")
     parser.add_argument("--depths", type=_float_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],

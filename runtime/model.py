@@ -186,17 +186,18 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.attn.dense_dtype = dtype
 
-    def decode(self, input_ids: torch.Tensor, cache: Cache, capture=None) -> torch.Tensor:
+    def decode(self, input_ids: torch.Tensor, cache: Cache, capture=None, steering=None) -> torch.Tensor:
         """Logits [B, 1, vocab] of one new token per sequence (input_ids [B, 1]): the compiled step when
-        enabled and it applies (runtime/compiled.py), else the forward -- the reference."""
+        enabled and it applies (runtime/compiled.py), else the forward -- the reference. `steering`: as in
+        `hidden` (a counterfactual's forced CSA selection)."""
         if self.decode_impl == "fast":
             if self.fast_decode is None:
                 from .compiled import FastDecode
                 self.fast_decode = FastDecode(self)
-            logits = self.fast_decode(input_ids, cache, capture)
+            logits = self.fast_decode(input_ids, cache, capture, steering)
             if logits is not None:
                 return logits
-        return self(input_ids, cache, capture=capture, logits_to_keep=1)
+        return self(input_ids, cache, capture=capture, logits_to_keep=1, steering=steering)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> "Transformer":
@@ -260,10 +261,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     "bfloat16", or "model" (the reference); None: $LONGLENS_PREFILL_DTYPE if set, else "auto".
     """
     decode = decode or os.environ.get("LONGLENS_DECODE") or "fast"
-    prefill_dtype = prefill_dtype or os.environ.get("LONGLENS_PREFILL_DTYPE") or "auto"
     if decode not in ("fast", "eager"):
         raise ValueError(f"decode must be 'fast' or 'eager', got {decode!r}")
     from . import parallel
+    from .isa import resolve_prefill
+
+    # a bad name fails here, before anything is read
+    dense_dtype = resolve_prefill(prefill_dtype or os.environ.get("LONGLENS_PREFILL_DTYPE") or "auto", device, dtype)
     from .checkpoint import KEEP_FP32, load_state_dict, quantized_weights, read_config
     from .plan import check_world_size
 
@@ -304,7 +308,5 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             mod.inv_freq = rope_inv_freq(cfg, compress=mod.compressor is not None)
     model = model.to(device).eval()
     model.decode_impl = decode
-    from .isa import resolve_prefill
-
-    model.set_prefill_dtype(resolve_prefill(prefill_dtype, device, model.dtype))
+    model.set_prefill_dtype(dense_dtype)
     return model

@@ -162,6 +162,10 @@ class Steered:
     def __call__(self, input_ids, cache=None, capture=None, logits_to_keep: int = 0):
         return self.model(input_ids, cache, capture=capture, logits_to_keep=logits_to_keep, steering=self.steering)
 
+    def decode(self, input_ids, cache, capture=None):
+        """One-token steps through the model's own (its compiled step, steered: runtime/compiled.py)."""
+        return self.model.decode(input_ids, cache, capture, steering=self.steering)
+
 
 # ------------------------------------------------------------------------------------ FILE[:START-END]
 def parse_span(spec: str) -> tuple[str, int | None, int | None]:

@@ -263,6 +263,10 @@ def test_session_counterfactual_restores_the_session(engine, corpus_paths):
             fed.append(ids.shape[1])
             return model(ids, *args, **kw)
 
+        def decode(self, ids, *args, **kw):  # one-token steps (the steered ones too) come this way
+            fed.append(ids.shape[1])
+            return model.decode(ids, *args, **kw)
+
     a.engine.model = Counting()
     try:
         cf = a.counterfactual(st)

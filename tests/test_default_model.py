@@ -124,7 +124,8 @@ def test_multi_key_multi_value_multi_query_and_kv_formats(model, tok, pool):
     for kind in ("mv", "mq"):
         (r,) = ev.evaluate(kind, MODEL, lengths=[1024], depths=[0.5], n=1, model=model, tokenizer=tok, pool=pool)
         ex = r["examples"][0]
-        assert r["keys"] == {"mv": 4, "mq": 2}[kind] and ex["ok"] == T.values_match(ex["output"], ex["answer"].split(", "))
+        assert r["keys"] == {"mv": 4, "mq": 2}[kind]
+        assert ex["ok"] == T.values_match(ex["output"], ex["answer"].split(", "))
         assert 0.0 <= r["recall"] <= 1.0
     (r,) = ev.evaluate("kv", MODEL, lengths=[1024], depths=[0.5], n=4, model=model, tokenizer=tok, pool=pool,
                        formats=("json", "code"))
