@@ -361,3 +361,37 @@ def test_state_round_trip_reserve_and_trim(model, ids):
     bad["L1.kv.entries"] = state["L1.kv.entries"][:, :99]
     with pytest.raises(ValueError, match="L1.kv.entries shape"):
         runtime.Cache.from_state(model.config, bad, 401, counts)
+
+
+@pytest.mark.parametrize("S, before, window, block", [(256, 0, 8, 8), (512, 100, 128, 128), (1024, 5, 128, 128),
+                                                      (384, 300, 8, 32), (64, 3, 8, 16)])
+def test_batched_window_blocks_equal_the_block_loop(monkeypatch, S, before, window, block):
+    """A sliding layer's prefill chunk in one batched pass (Attention._window_blocks: overlapping key views,
+    one band mask, padding rows where the context is short) gives what the per-block loop gives, for chunks
+    at the start of the context and after one, batch 2; the loop still serves the rest (capture, CSA/HCA)."""
+    from runtime.attention import Attention
+    from runtime.config import ModelConfig
+    from runtime.model import Transformer
+
+    used = []
+    real = Attention._window_blocks
+    monkeypatch.setattr(Attention, "_window_blocks", lambda self, *a: used.append(self.layer) or real(self, *a))
+    cfg = ModelConfig.from_dict(tiny_config(layer_types=[SL, SL, HCA, CSA], sliding_window=window, index_topk=16))
+    model = Transformer(cfg).init_weights(1).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, before + S), generator=torch.Generator().manual_seed(S))
+    outs = []
+    for batched in (False, True):
+        for b in model.layers:
+            b.attn.batched_window, b.attn.query_block = batched, block
+        used.clear()
+        cache = model.new_cache(2)
+        with torch.no_grad():
+            if before:
+                model(ids[:, :before], cache)
+            outs.append(model(ids[:, before:], cache))
+        assert sorted(set(used)) == ([0, 1] if batched else [])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # captured: the loop (it records per block)
+        used.clear()
+        model(ids[:, :before + S], model.new_cache(2), capture=runtime.Capture())
+    assert not used
