@@ -7,6 +7,7 @@ and RULER's multi-key / multi-value / multi-query needles (niah --keys K, mv, mq
     python -m runtime eval mv [--keys 4] ...   # one key, four values planted apart; all asked (a set)
     python -m runtime eval mq [--keys 2] ...   # two keys asked at once (their values, a set)
     python -m runtime eval kv --formats json,csv,config,code ...   # blocks in those formats; per-format accuracy
+    python -m runtime eval niah --sources gcide ...   # haystacks of one kind of held-out text (code, manuals, ...)
     python -m runtime eval niah --haystack-dir DIR [--depths ...] [--documents N|NAMES] [--json]   (runtime/probe.py)
 
 For every length L and each of ``n`` haystacks, a haystack of about L tokens is cut from the given files
@@ -189,7 +190,7 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
              haystack_paths=None, n: int = 4, chunk: int = 8192, model=None, tokenizer=None,
              max_new_tokens: int | None = None, progress=None, pool=None, values: str = "number",
              per_haystack: str = "one", index_dtype: str | torch.dtype | None = "auto", keys: int | None = None,
-             formats: tuple[str, ...] = KV_FORMATS) -> list[dict]:
+             formats: tuple[str, ...] = KV_FORMATS, sources: tuple[str, ...] | None = None) -> list[dict]:
     """One dict per (length, depth): kind, length, depth, n, correct, accuracy, recall, rank, first, tokens
     (mean prompt length), seconds (mean wall time per haystack of that length: prefill + all its questions),
     seed, examples (question, answer, output, ok, recall, ranks, first, prompt tokens).
@@ -199,6 +200,8 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
     key with that many values (default 4) and asks all; mq plants that many keys (default 2) and asks them
     at once. mv and mq are scored as sets of values (runtime/tasks.py values_match).
     formats: kv block formats, in turn (cells also report accuracy per format).
+    sources: held-out haystack text of these runtime/haystacks.py sources only (a kind of text: stdlib =
+    source code, pydoc = manuals, doc = package documentation, gcide = a dictionary); default all.
     index_dtype: the indexer keys' dtype, "auto" as the engine chooses it (runtime/isa.py)."""
     from .cluster import lead_if_distributed
     from .model import load_model
@@ -220,7 +223,7 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
             pool = T.TokenPool.from_files(haystack_paths, tok)
         else:
             need = int(max(lengths) * 3.6) + 500_000
-            pool = T.TokenPool.corpus("heldout", need, tok)
+            pool = T.TokenPool.corpus("heldout", need, tok, sources=sources)
     index_dtype = resolve_index_dtype(index_dtype, model.device)  # after the pool: its manifest check comes first
     cells = {(L, d): [] for L in lengths for d in depths}
     secs = {L: 0.0 for L in lengths}
@@ -293,7 +296,8 @@ def evaluate(kind: str, model_dir=None, lengths=(4096,), depths=(0.0, 0.25, 0.5,
                 first=(sum(e["first"] for e in ex) / len(ex)) if ex else None,
                 tokens=round(sum(e["tokens"] for e in ex) / len(ex)) if ex else None,
                 seconds=round(secs[L] / max(1, n * len(groups)), 2), seed=seed, per_haystack=per_haystack,
-                keys=keys, **({"by_format": _by_format(ex)} if kind == "kv" else {}), examples=ex))
+                keys=keys, **({"by_format": _by_format(ex)} if kind == "kv" else {}),
+                **({"sources": list(sources)} if sources else {}), examples=ex))
     return results
 
 
@@ -354,6 +358,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                              "haystack; default); all: one haystack holds an item per depth, so each question "
                              "has the other items as distractors (multi-key, harder). With --haystack-dir: all "
                              "(default) puts every needle in one context, one gives each its own prefill")
+    parser.add_argument("--sources", default=None, metavar="S[,S]",
+                        help="held-out haystacks of these kinds only: stdlib (source code), pydoc (manuals), doc "
+                             "(package documentation), gcide (a dictionary); default: all of them, interleaved")
     parser.add_argument("--haystack", action="extend", nargs="+", default=None, metavar="PATH",
                         help="files or folders to cut haystacks from (default: the held-out corpus split)")
     parser.add_argument("--haystack-dir", default=None, metavar="DIR",
@@ -471,7 +478,9 @@ def main_eval(args) -> int:
         args.kind, args.model, args.lengths, args.depths, args.seed, args.haystack, n=args.n, chunk=args.chunk,
         progress=progress, values=args.values, per_haystack=args.per_haystack or "one",
         index_dtype=getattr(args, "index_dtype", "auto"), keys=getattr(args, "keys", None),
-        formats=tuple(f.strip() for f in getattr(args, "formats", ",".join(KV_FORMATS)).split(",") if f.strip()))
+        formats=tuple(f.strip() for f in getattr(args, "formats", ",".join(KV_FORMATS)).split(",") if f.strip()),
+        sources=tuple(x.strip() for x in args.sources.split(",") if x.strip()) if getattr(args, "sources", None)
+        else None)
     if args.plot:
         merged = {(r["length"], r["depth"]): r for r in load_results(args.include, args.kind) + results}
         cells = sorted(merged.values(), key=lambda r: (r["length"], r["depth"]))

@@ -447,20 +447,27 @@ def check_documents(docs: Sequence[Pinned], manifest: dict) -> tuple[list[str], 
 
 
 def pinned_texts(max_bytes: int | None = None, strict: bool | None = None,
-                 manifest: str | os.PathLike | dict | None = None) -> list[str]:
+                 manifest: str | os.PathLike | dict | None = None, sources: Sequence[str] = SOURCES) -> list[str]:
     """The held-out texts the manifest pins, in its order, until ``max_bytes`` bytes (the document crossing it
     included: the same prefix as ``iter_texts("heldout", max_bytes)`` on the machine that wrote the manifest).
     Every document used is checked first. ``strict`` (default: unless LONGLENS_HAYSTACKS=warn): raise
     HaystackError on a missing or different document; otherwise warn and use what this machine has.
-    ``manifest``: a path or a loaded manifest (default MANIFEST)."""
+    ``manifest``: a path or a loaded manifest (default MANIFEST). ``sources``: only documents of these sources
+    (one kind of text: stdlib = source code, pydoc = manuals, doc = package documentation, gcide = a
+    dictionary), in the manifest's order."""
     source = "the given manifest" if isinstance(manifest, dict) else Path(manifest or MANIFEST)
     man = manifest if isinstance(manifest, dict) else load_manifest(source)
     if strict is None:
         strict = os.environ.get("LONGLENS_HAYSTACKS", "").lower() != "warn"
     docs, total = [], 0
+    bad = [s for s in sources if s not in SOURCES]
+    if bad or not sources:
+        raise ValueError(f"haystack sources must be among {SOURCES}, got {list(sources)}")
     for p in man["documents"]:
         if max_bytes is not None and total >= max_bytes:
             break
+        if p.key.split("/", 1)[0] not in sources:
+            continue
         docs.append(p)
         total += p.nbytes
     texts, problems = check_documents(docs, man)

@@ -178,18 +178,21 @@ class TokenPool:
 
     @classmethod
     def corpus(cls, split: str, max_bytes: int, tokenizer, cache_dir: str | os.PathLike | None = None,
-               strict: bool | None = None) -> "TokenPool":
+               strict: bool | None = None, sources: Sequence[str] | None = None) -> "TokenPool":
         """The first ``max_bytes`` of a corpus split (runtime/haystacks.py), cached as .npy if asked. The
-        ``heldout`` split is the manifest's pinned text (checked first; ``strict``: haystacks.pinned_texts)."""
+        ``heldout`` split is the manifest's pinned text (checked first; ``strict``: haystacks.pinned_texts).
+        ``sources``: only these haystacks.SOURCES (one kind of text; default all, interleaved)."""
         path = None
+        picked = tuple(sources or haystacks.SOURCES)
+        tag = "" if picked == haystacks.SOURCES else "_" + "+".join(picked)
         if cache_dir is not None:
             h = hashlib.sha256(tokenizer._tok.to_str().encode()).hexdigest()[:10]
-            path = Path(cache_dir) / f"pool_{split}_{max_bytes}_{h}.npy"
+            path = Path(cache_dir) / f"pool_{split}_{max_bytes}{tag}_{h}.npy"
             if path.is_file():
-                return cls(np.load(path), tokenizer, name=f"corpus:{split}")
-        texts = haystacks.pinned_texts(max_bytes, strict) if split == "heldout" else \
-            haystacks.iter_texts(split, max_bytes)
-        pool = cls.from_texts(texts, tokenizer, name=f"corpus:{split}")
+                return cls(np.load(path), tokenizer, name=f"corpus:{split}{tag}")
+        texts = haystacks.pinned_texts(max_bytes, strict, sources=picked) if split == "heldout" else \
+            haystacks.iter_texts(split, max_bytes, sources=picked)
+        pool = cls.from_texts(texts, tokenizer, name=f"corpus:{split}{tag}")
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             np.save(path, pool.ids)

@@ -134,6 +134,26 @@ def test_multi_key_multi_value_multi_query_and_kv_formats(model, tok, pool):
         ev.evaluate("kv", MODEL, lengths=[1024], n=1, model=model, tokenizer=tok, pool=pool, formats=("yaml",))
 
 
+def test_eval_by_kind_of_text(model, tok):
+    """--sources cuts the held-out haystacks from one kind of text only (source code, manuals, package
+    documentation, a dictionary): the pool holds nothing else, and the cell says which."""
+    from runtime import haystacks
+
+    texts = haystacks.pinned_texts(200_000, sources=("gcide",))
+    assert texts and all(not t.lstrip().startswith(("import", "#", '"""')) for t in texts)
+    assert len(haystacks.pinned_texts(200_000, sources=("stdlib", "gcide"))) > len(texts)
+    with pytest.raises(ValueError, match="sources"):
+        haystacks.pinned_texts(1000, sources=("novels",))
+    pool = T.TokenPool.corpus("heldout", 200_000, tok, sources=("gcide",))
+    assert pool.name.endswith("gcide") and len(pool.ids) > 1000
+    (r,) = ev.evaluate("niah", MODEL, lengths=[1024], depths=[0.5], n=1, model=model, tokenizer=tok,
+                       sources=("gcide",))
+    assert r["sources"] == ["gcide"] and r["n"] == 1
+    args = ev.add_eval_arguments(__import__("argparse").ArgumentParser()).parse_args(["niah", "--sources",
+                                                                                      "stdlib,pydoc"])
+    assert args.sources == "stdlib,pydoc"
+
+
 def test_values_match_is_a_set_match():
     assert T.values_match("4417, 8812 and 90.", ["90", "4417", "8812"])
     assert T.values_match('"QX-4471-B" and "AB-123"', ["AB-123", "QX-4471-B"])
