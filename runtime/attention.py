@@ -534,10 +534,10 @@ class Attention(nn.Module):
         start = off + pad - (W - 1)  # kp index of block 0's first key
         kb = kp[:, start : start + S + W - 1].unfold(1, L, block).transpose(2, 3)  # [B, nb, L, d]: overlapping
         dt = q.dtype
-        c = torch.arange(L, device=q.device)
-        i = torch.arange(block, device=q.device)
-        band = (c[None] >= i[:, None]) & (c[None] <= i[:, None] + W - 1)  # [block, L]: key c in query i's window
+        # [block, L]: key c in query i's window -- the loop's mask of a block whose last query is key L - 1
+        band = self._window_mask(torch.arange(block, device=q.device), L)
         if pad:  # the first blocks also mask the padding rows
+            c = torch.arange(L, device=q.device)
             j = torch.arange(nb, device=q.device)
             real = (j[:, None] * block + c[None] + start - pad) >= 0  # [nb, L]
             band = (band[None] & real[:, None]).repeat(B, 1, 1)  # [B * nb, block, L]

@@ -22,7 +22,7 @@ from .conversation import Turn
 from .errors import Cancelled, ContextTooLarge, EngineError
 from .generate import GenerationParams, forward, sample_next
 from .introspect import Capture
-from .isa import resolve as resolve_index_dtype
+from .isa import resolve as resolve_index_dtype, resolve_prefill
 from .session import Answer, LoadReport, Piece, PrefillProgress, Session
 from .snapshot import model_fingerprint, tokenizer_fingerprint, weights_fingerprint
 from .timing import LayerTimer
@@ -72,11 +72,10 @@ class Engine:
         from .cluster import lead_if_distributed
 
         try:
-            model = load_model(model_dir, device=device, dtype=dtype, prefill_dtype=prefill_dtype)
+            resolve_prefill(prefill_dtype, device)  # a bad name is the caller's error, before anything loads
         except ValueError as e:
-            if "prefill dtype" not in str(e):
-                raise
             raise EngineError(str(e)) from None
+        model = load_model(model_dir, device=device, dtype=dtype, prefill_dtype=prefill_dtype)
         model = lead_if_distributed(model)  # rank 0 under torchrun
         return cls(model, tokenizer, model_dir=model_dir, **kw)
 
